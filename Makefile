@@ -1,0 +1,73 @@
+# Shoal — the two commands: `make demo` and `make test`. Everything else is a step of them.
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CLUSTER_DIR ?= .cluster
+KUBECONFIG_LOCAL := $(CLUSTER_DIR)/kubeconfig
+# Resolved lazily: building the control plane is only needed by targets that use it.
+BIN = $(shell bash hack/build-control-plane.sh)
+KUBECTL = $(BIN)/kubectl --kubeconfig $(KUBECONFIG_LOCAL)
+PYTEST_ARGS ?=
+
+.PHONY: help
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
+	@echo "[shoal] creating $(VENV) (Python packages, editable)"
+	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --quiet --upgrade pip
+	@$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+.PHONY: dev
+dev: $(VENV)/.installed ## Create .venv and build/cache the control-plane binaries
+	@bash hack/build-control-plane.sh >/dev/null
+
+.PHONY: crds
+crds: $(VENV)/.installed ## Regenerate crds/ from the pydantic models
+	$(PY) -m shoal_api.crd crds
+
+.PHONY: lint
+lint: $(VENV)/.installed ## ruff, mypy --strict, import-linter
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy --strict api operator agent-runtime hack tests
+	$(VENV)/bin/lint-imports
+
+.PHONY: verify
+verify: $(VENV)/.installed lint ## Generated files are current, and lint passes
+	$(PY) -m shoal_api.crd --check crds
+
+.PHONY: cluster-up
+cluster-up: dev ## Start the local control plane + NATS (.cluster/kubeconfig, .cluster/nats-url)
+	$(PY) -m shoal_testbed up --dir $(CLUSTER_DIR)
+
+.PHONY: cluster-down
+cluster-down: ## Stop the local control plane and remove its state
+	@test ! -d $(VENV) || $(PY) -m shoal_testbed down --dir $(CLUSTER_DIR)
+
+.PHONY: install-crds
+install-crds: cluster-up
+	$(KUBECTL) apply --server-side --field-manager=shoal -f crds/
+	$(KUBECTL) wait --for=condition=Established --timeout=60s -f crds/
+
+.PHONY: demo
+demo: install-crds ## Start the local cluster, install Shoal, apply the examples
+	$(KUBECTL) create namespace support --dry-run=client -o yaml | $(KUBECTL) apply -f -
+	$(KUBECTL) apply -n support -f examples/
+	$(KUBECTL) get shoal -n support
+	@echo "[shoal] the local cluster keeps running: KUBECONFIG=$(KUBECONFIG_LOCAL); 'make cluster-down' stops it"
+
+.PHONY: test
+test: dev verify ## Set up everything and run the whole suite (unit + real API server + NATS)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: clean
+clean: cluster-down ## Remove the venv and local state (the binary cache stays)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

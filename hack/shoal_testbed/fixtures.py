@@ -1,0 +1,246 @@
+"""pytest fixtures on the real test bed: a session cluster + NATS, a namespace per
+test, and the operator run in-process (kopf's KopfRunner) or as a subprocess.
+
+By default the session starts its own private test bed (its own ports and state
+directory). ``SHOAL_TEST_KUBECONFIG`` points the same tests at an existing cluster
+instead (kind on a laptop); NATS is then ``SHOAL_TEST_NATS_URL`` or a local
+nats-server started for the session. A missing binary fails the run: these tests
+are never skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+
+from shoal_testbed.binaries import control_plane_bin, nats_server_bin
+from shoal_testbed.cluster import LocalCluster, free_port, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+CRD_DIR = REPO / "crds"
+T = TypeVar("T")
+
+
+def eventually(
+    fn: Callable[[], T | None],
+    timeout: float = 30.0,
+    interval: float = 0.2,
+    what: str = "condition",
+) -> T:
+    """Polls ``fn`` until it returns a truthy value (which it returns) or the deadline passes.
+
+    Exceptions inside ``fn`` count as "not yet"; the last one is reported on timeout.
+    """
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            value = fn()
+            if value:
+                return value
+            last = value
+        except Exception as exc:
+            last = exc
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s; last: {last!r}")
+        time.sleep(interval)
+
+
+@dataclass
+class Testbed:
+    """What a test needs to reach the cluster and NATS."""
+
+    __test__ = False  # not a test class, despite the name
+
+    kubeconfig: Path
+    nats_url: str
+    kubectl_bin: Path
+    local: LocalCluster | None
+
+    def kubectl(
+        self,
+        *args: str,
+        stdin: str | None = None,
+        check: bool = True,
+        kubeconfig: Path | None = None,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess[str]:
+        cfg = kubeconfig or self.kubeconfig
+        proc = subprocess.run(
+            [str(self.kubectl_bin), f"--kubeconfig={cfg}", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}"
+            )
+        return proc
+
+    def get(self, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        """The object as JSON, or None when it does not exist."""
+        ns = ["-n", namespace] if namespace else []
+        proc = self.kubectl("get", kind, name, *ns, "-o", "json", check=False)
+        if proc.returncode != 0:
+            if "NotFound" in proc.stderr:
+                return None
+            raise AssertionError(proc.stderr)
+        obj: dict[str, Any] = json.loads(proc.stdout)
+        return obj
+
+    def apply(
+        self,
+        manifest: str | dict[str, Any] | list[dict[str, Any]],
+        namespace: str,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        """``kubectl apply`` (strict field validation, as a user gets by default)."""
+        if isinstance(manifest, dict):
+            manifest = yaml.safe_dump(manifest)
+        elif isinstance(manifest, list):
+            manifest = yaml.safe_dump_all(manifest)
+        return self.kubectl("apply", "-n", namespace, "-f", "-", stdin=manifest, check=check)
+
+    def user_kubeconfig(self, user: str, groups: tuple[str, ...] = ()) -> Path:
+        if self.local is None:
+            raise RuntimeError("user identities need the local test bed (its CA)")
+        return self.local.user_kubeconfig(user, groups)
+
+
+@contextlib.contextmanager
+def _standalone_nats(directory: Path) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(nats_server_bin()), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(directory)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for("nats-server", lambda: _port_open(port), 30)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="session")
+def testbed() -> Iterator[Testbed]:
+    """A real API server and nats-server for the whole session."""
+    external = os.environ.get("SHOAL_TEST_KUBECONFIG")
+    with tempfile.TemporaryDirectory(prefix="shoal-test-") as tmp:
+        if external:
+            kubectl = shutil.which("kubectl")
+            kubectl_bin = Path(kubectl) if kubectl else control_plane_bin() / "kubectl"
+            url = os.environ.get("SHOAL_TEST_NATS_URL")
+            with contextlib.ExitStack() as stack:
+                if not url:
+                    url = stack.enter_context(_standalone_nats(Path(tmp) / "nats"))
+                bed = Testbed(Path(external), url, kubectl_bin, None)
+                os.environ["KUBECONFIG"] = str(bed.kubeconfig)
+                yield bed
+            return
+        local = LocalCluster(Path(tmp) / "cluster")
+        local.up()
+        try:
+            bed = Testbed(local.kubeconfig, local.nats_url, control_plane_bin() / "kubectl", local)
+            # kopf and the kubernetes client in this process talk to the test bed.
+            os.environ["KUBECONFIG"] = str(bed.kubeconfig)
+            yield bed
+        finally:
+            local.down()
+
+
+@pytest.fixture(scope="session")
+def crds(testbed: Testbed) -> list[str]:
+    """The CRDs from crds/ installed (server-side apply) and Established."""
+    testbed.kubectl(
+        "apply", "--server-side", "--force-conflicts", "--field-manager=shoal", "-f", str(CRD_DIR)
+    )
+    testbed.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRD_DIR))
+    return sorted(p.name.removesuffix(".yaml") for p in CRD_DIR.glob("*.yaml"))
+
+
+@pytest.fixture
+def namespace(testbed: Testbed, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace for one test, deleted afterwards (without waiting)."""
+    base = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    digest = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:6]
+    name = f"t-{base}-{digest}"
+    testbed.kubectl("create", "namespace", name)
+    try:
+        yield name
+    finally:
+        testbed.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def operator(testbed: Testbed, crds: list[str], namespace: str) -> Iterator[Any]:
+    """The operator running in this process (KopfRunner), watching the test's namespace."""
+    from kopf.testing import KopfRunner
+
+    args = ["run", "--standalone", "--namespace", namespace, "-m", "shoal_operator.handlers"]
+    with KopfRunner(args, timeout=60) as runner:
+        yield runner
+    assert runner.exception is None, runner.output
+    assert runner.exit_code == 0, runner.output
+
+
+@pytest.fixture
+def operator_process(
+    testbed: Testbed, crds: list[str], namespace: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The operator as a separate process (``python -m shoal_operator``), for kill/restart tests."""
+    log = Path(tempfile.mkstemp(prefix="shoal-operator-", suffix=".log")[1])
+    port = free_port()
+    env = {**os.environ, "KUBECONFIG": str(testbed.kubeconfig)}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "shoal_operator",
+                "--standalone",
+                "--namespace",
+                namespace,
+                "--liveness",
+                f"http://127.0.0.1:{port}/healthz",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.unlink(missing_ok=True)
