@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-import yaml
 
 from shoal_testbed.binaries import control_plane_bin, nats_server_bin
 from shoal_testbed.cluster import LocalCluster, free_port, wait_for
@@ -112,11 +111,14 @@ class Testbed:
         namespace: str,
         check: bool = True,
     ) -> subprocess.CompletedProcess[str]:
-        """``kubectl apply`` (strict field validation, as a user gets by default)."""
+        """``kubectl apply`` (strict field validation, as a user gets by default).
+
+        Objects travel as JSON: YAML 1.1 readers take a bare ``y`` or ``no`` for a bool.
+        """
+        if isinstance(manifest, list):
+            manifest = {"apiVersion": "v1", "kind": "List", "items": manifest}
         if isinstance(manifest, dict):
-            manifest = yaml.safe_dump(manifest)
-        elif isinstance(manifest, list):
-            manifest = yaml.safe_dump_all(manifest)
+            manifest = json.dumps(manifest)
         return self.kubectl("apply", "-n", namespace, "-f", "-", stdin=manifest, check=check)
 
     def user_kubeconfig(self, user: str, groups: tuple[str, ...] = ()) -> Path:
@@ -148,6 +150,15 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _point_at(bed: Testbed) -> None:
+    """The operator run in this process (and its children) talks to the test bed."""
+    os.environ["KUBECONFIG"] = str(bed.kubeconfig)
+    os.environ["SHOAL_NATS_URL"] = bed.nats_url
+    # Short drift checks and heartbeats, so tests of repairs and liveness are quick.
+    os.environ["SHOAL_DRIFT_INTERVAL"] = "5"
+    os.environ["SHOAL_HEARTBEAT_INTERVAL"] = "2"
+
+
 @pytest.fixture(scope="session")
 def testbed() -> Iterator[Testbed]:
     """A real API server and nats-server for the whole session."""
@@ -161,15 +172,14 @@ def testbed() -> Iterator[Testbed]:
                 if not url:
                     url = stack.enter_context(_standalone_nats(Path(tmp) / "nats"))
                 bed = Testbed(Path(external), url, kubectl_bin, None)
-                os.environ["KUBECONFIG"] = str(bed.kubeconfig)
+                _point_at(bed)
                 yield bed
             return
         local = LocalCluster(Path(tmp) / "cluster")
         local.up()
         try:
             bed = Testbed(local.kubeconfig, local.nats_url, control_plane_bin() / "kubectl", local)
-            # kopf and the kubernetes client in this process talk to the test bed.
-            os.environ["KUBECONFIG"] = str(bed.kubeconfig)
+            _point_at(bed)
             yield bed
         finally:
             local.down()
@@ -204,43 +214,96 @@ def operator(testbed: Testbed, crds: list[str], namespace: str) -> Iterator[Any]
     from kopf.testing import KopfRunner
 
     args = ["run", "--standalone", "--namespace", namespace, "-m", "shoal_operator.handlers"]
-    with KopfRunner(args, timeout=60) as runner:
-        yield runner
+    os.environ["SHOAL_OPERATOR_NAMESPACE"] = namespace
+    try:
+        with KopfRunner(args, timeout=60) as runner:
+            yield runner
+    finally:
+        os.environ.pop("SHOAL_OPERATOR_NAMESPACE", None)
     assert runner.exception is None, runner.output
     assert runner.exit_code == 0, runner.output
 
 
-@pytest.fixture
-def operator_process(
-    testbed: Testbed, crds: list[str], namespace: str
-) -> Iterator[subprocess.Popen[bytes]]:
-    """The operator as a separate process (``python -m shoal_operator``), for kill/restart tests."""
-    log = Path(tempfile.mkstemp(prefix="shoal-operator-", suffix=".log")[1])
-    port = free_port()
-    env = {**os.environ, "KUBECONFIG": str(testbed.kubeconfig)}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "shoal_operator",
-                "--standalone",
-                "--namespace",
-                namespace,
-                "--liveness",
-                f"http://127.0.0.1:{port}/healthz",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    try:
-        yield proc
-    finally:
-        proc.terminate()
+class OperatorProcess:
+    """``python -m shoal_operator`` as a child process: kill it, restart it, read its log."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.port = free_port()
+        self.log = Path(tempfile.mkstemp(prefix="shoal-operator-", suffix=".log")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def liveness_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/healthz"
+
+    def start(self) -> None:
+        env = {**os.environ, "SHOAL_OPERATOR_NAMESPACE": self.namespace}
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "shoal_operator",
+                    "--namespace",
+                    self.namespace,
+                    "--liveness",
+                    self.liveness_url,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+
+    def poll(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+
+    def wait(self, timeout: float = 15) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
         try:
-            proc.wait(15)
+            self.proc.wait(20)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.unlink(missing_ok=True)
+            self.proc.kill()
+            self.proc.wait()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def spawn_operator(
+    testbed: Testbed, crds: list[str], namespace: str
+) -> Iterator[Callable[[], OperatorProcess]]:
+    """Starts operator processes watching the test's namespace; all stopped afterwards."""
+    started: list[OperatorProcess] = []
+
+    def spawn() -> OperatorProcess:
+        op = OperatorProcess(namespace)
+        started.append(op)
+        return op
+
+    yield spawn
+    for op in started:
+        op.stop()
+        op.log.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def operator_process(spawn_operator: Callable[[], OperatorProcess]) -> OperatorProcess:
+    """The operator as a separate process, for kill/restart tests."""
+    return spawn_operator()

@@ -1,10 +1,12 @@
-"""``python -m shoal_operator``: run the Shoal operator against the current kubeconfig."""
+"""``python -m shoal_operator``: run the Shoal operator against the current kubeconfig
+(or in-cluster credentials)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 
 import kopf
 
@@ -18,12 +20,27 @@ def main(argv: list[str] | None = None) -> int:
         "--namespace",
         action="append",
         default=[],
-        help="watch only these namespaces (default: all)",
+        help="watch only these namespaces (default: the whole cluster)",
+    )
+    parser.add_argument(
+        "--nats-url",
+        default=os.environ.get("SHOAL_NATS_URL"),
+        help="NATS the operator declares JetStream resources on (env SHOAL_NATS_URL)",
+    )
+    parser.add_argument(
+        "--runtime-nats-url",
+        default=os.environ.get("SHOAL_RUNTIME_NATS_URL"),
+        help="NATS URL given to runtime pods, if it differs (env SHOAL_RUNTIME_NATS_URL)",
+    )
+    parser.add_argument(
+        "--runtime-image",
+        default=os.environ.get("SHOAL_RUNTIME_IMAGE"),
+        help="default runtime image of Agents (env SHOAL_RUNTIME_IMAGE)",
     )
     parser.add_argument(
         "--liveness",
         default="http://0.0.0.0:8080/healthz",
-        help="liveness endpoint URL kopf serves",
+        help="liveness endpoint kopf serves (fails when watching stalls)",
     )
     parser.add_argument(
         "--standalone",
@@ -32,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
+    for env, value in (
+        ("SHOAL_NATS_URL", args.nats_url),
+        ("SHOAL_RUNTIME_NATS_URL", args.runtime_nats_url),
+        ("SHOAL_RUNTIME_IMAGE", args.runtime_image),
+    ):
+        if value:
+            os.environ[env] = value
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -41,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             clusterwide=not args.namespace,
             namespaces=args.namespace,
             liveness_endpoint=args.liveness,
-            standalone=args.standalone,
+            # Replicas coordinate by Lease-based leader election (shoal_operator.leader),
+            # not kopf peering: standbys keep their caches warm for a fast takeover.
+            standalone=True,
         )
     )
     return 0

@@ -48,3 +48,37 @@ def merge_conditions(
 def find(conditions: Iterable[Mapping[str, Any]] | None, type_: str) -> Mapping[str, Any] | None:
     """The condition of ``type_``, if present."""
     return next((c for c in conditions or () if c.get("type") == type_), None)
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    """A Kubernetes Event to post about the reconciled object."""
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+def transition_events(
+    old: Iterable[Mapping[str, Any]] | None, new: Iterable[Mapping[str, Any]]
+) -> list[EventSpec]:
+    """Events for what changed: Ready flipping, a new Degraded reason."""
+    events: list[EventSpec] = []
+    before, after = find(old, "Ready"), find(new, "Ready")
+    if after is not None and (before is None or before.get("status") != after["status"]):
+        if after["status"] == "True":
+            events.append(EventSpec("Normal", after["reason"], after["message"] or "Ready"))
+        else:
+            events.append(EventSpec("Warning", after["reason"], after["message"]))
+    d_before, d_after = find(old, "Degraded"), find(new, "Degraded")
+    if (
+        d_after is not None
+        and d_after["status"] == "True"
+        and (
+            d_before is None
+            or (d_before.get("status"), d_before.get("reason")) != ("True", d_after["reason"])
+        )
+        and not any(e.reason == d_after["reason"] for e in events)
+    ):
+        events.append(EventSpec("Warning", d_after["reason"], d_after["message"]))
+    return events

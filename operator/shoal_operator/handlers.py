@@ -1,75 +1,238 @@
-"""kopf glue: every event of a Shoal resource runs the same level-triggered reconcile."""
+"""kopf glue: watches fill the cache (indexes) and queue keys; the controller does the rest.
+
+kopf guarantees every index is populated from the initial listing before any other
+handler runs, so the first reconcile already sees every Agent, policy and child.
+"""
 
 from __future__ import annotations
 
-import datetime as dt
+import asyncio
+import logging
+import os
+import socket
+import time
 from typing import Any
 
 import kopf
-from pydantic import ValidationError
 
-from shoal_api.agent import AgentSpec
-from shoal_api.base import GROUP, VERSION, ApiModel
-from shoal_api.scaling import ScalingPolicySpec
-from shoal_api.workflow import WorkflowSpec
-from shoal_operator.conditions import Cond, merge_conditions
+from shoal_api.base import GROUP, VERSION
+from shoal_operator.builders.common import AGENT_LABEL, MANAGED_BY, POLICY_LABEL
+from shoal_operator.builders.deployment import RuntimeDefaults
+from shoal_operator.controller import Controller, ControllerConfig, Indexes
+from shoal_operator.health import HEARTBEAT_LABEL, Heartbeat
+from shoal_operator.jetstream_admin import JetStreamAdmin
+from shoal_operator.kube import Kube
+from shoal_operator.leader import LeaderElector
 from shoal_operator.settings import configure
 
-SPECS: dict[str, type[ApiModel]] = {
-    "agents": AgentSpec,
-    "scalingpolicies": ScalingPolicySpec,
-    "workflows": WorkflowSpec,
-}
+log = logging.getLogger("shoal_operator")
+
+DEFAULT_RUNTIME_IMAGE = "ghcr.io/shoal-dev/shoal-runtime:0.1.0"
+STATE: dict[str, Any] = {}
+CHILD_LABELS = dict(MANAGED_BY)
+
+
+def _controller() -> Controller | None:
+    ctl: Controller | None = STATE.get("controller")
+    return ctl
+
+
+# -- the watch cache -------------------------------------------------------------------
+
+
+def _ns(namespace: str | None) -> str:
+    if namespace is None:  # all watched kinds are namespaced
+        raise ValueError("cluster-scoped object where a namespaced one was expected")
+    return namespace
+
+
+def _entry(body: kopf.Body) -> dict[str, Any]:
+    return {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body}
+
+
+@kopf.index(GROUP, VERSION, "agents")
+def shoal_agents(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+    return {(_ns(namespace), name): _entry(body)}
+
+
+@kopf.index(GROUP, VERSION, "agents")
+def shoal_agents_by_ns(*, namespace: str | None, name: str, **_: Any) -> Any:
+    return {_ns(namespace): name}
+
+
+@kopf.index(GROUP, VERSION, "scalingpolicies")
+def shoal_policies(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+    return {(_ns(namespace), name): _entry(body)}
+
+
+@kopf.index(GROUP, VERSION, "scalingpolicies")
+def shoal_policies_by_target(*, namespace: str | None, name: str, spec: kopf.Spec, **_: Any) -> Any:
+    target = (spec.get("targetRef") or {}).get("name")
+    return {(_ns(namespace), target): name} if target else None
+
+
+@kopf.index(GROUP, VERSION, "workflows")
+def shoal_workflows(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+    return {(_ns(namespace), name): _entry(body)}
+
+
+@kopf.index(GROUP, VERSION, "workflows")
+def shoal_workflows_by_ns(*, namespace: str | None, name: str, **_: Any) -> Any:
+    return {_ns(namespace): name}
+
+
+@kopf.index("apps", "v1", "deployments", labels=CHILD_LABELS)
+def shoal_deployments(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+    return {(_ns(namespace), name): _entry(body)}
+
+
+@kopf.index("autoscaling", "v2", "horizontalpodautoscalers", labels=CHILD_LABELS)
+def shoal_hpas(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+    return {(_ns(namespace), name): _entry(body)}
+
+
+# -- lifecycle --------------------------------------------------------------------------
 
 
 @kopf.on.startup()
-def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def _startup(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
     configure(settings)
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def validation_message(exc: ValidationError) -> str:
-    """A one-line summary of a pydantic error naming the offending fields."""
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"])
-        parts.append(f"spec.{where}: {err['msg']}")
-    return "; ".join(parts)
-
-
-def reconcile_spec(
-    plural: str, spec: dict[str, Any], status: dict[str, Any], generation: int, now: str
-) -> dict[str, Any]:
-    """Status patch for a spec: parsed by the models, or Degraded with the reason."""
-    try:
-        SPECS[plural].model_validate(spec)
-    except ValidationError as exc:
-        desired = [
-            Cond("Ready", "False", "InvalidSpec", validation_message(exc)),
-            Cond("Degraded", "True", "InvalidSpec", validation_message(exc)),
-        ]
+    kube = await Kube.connect()
+    runtime = RuntimeDefaults(
+        image=os.environ.get("SHOAL_RUNTIME_IMAGE", DEFAULT_RUNTIME_IMAGE),
+        nats_url=os.environ.get("SHOAL_RUNTIME_NATS_URL")
+        or os.environ.get("SHOAL_NATS_URL", "nats://nats:4222"),
+    )
+    ctl = Controller(
+        kube,
+        ControllerConfig(
+            runtime=runtime,
+            workers=int(os.environ.get("SHOAL_WORKERS", "16")),
+            drift_interval=float(os.environ.get("SHOAL_DRIFT_INTERVAL", "60")),
+        ),
+    )
+    ctl.indexes = Indexes(
+        agents=kwargs["shoal_agents"],
+        policies=kwargs["shoal_policies"],
+        workflows=kwargs["shoal_workflows"],
+        deployments=kwargs["shoal_deployments"],
+        hpas=kwargs["shoal_hpas"],
+        agents_by_ns=kwargs["shoal_agents_by_ns"],
+        policies_by_target=kwargs["shoal_policies_by_target"],
+        workflows_by_ns=kwargs["shoal_workflows_by_ns"],
+    )
+    STATE["controller"] = ctl
+    STATE["tasks"] = [asyncio.create_task(_connect_nats(ctl), name="shoal-nats")]
+    # Leases (leader election, watch heartbeat) live in the operator's own namespace.
+    own_ns = os.environ.get("SHOAL_OPERATOR_NAMESPACE")
+    identity = f"{socket.gethostname()}-{os.getpid()}"
+    if own_ns:
+        hb = Heartbeat(
+            own_ns,
+            f"shoal-operator-{identity}",
+            interval=float(os.environ.get("SHOAL_HEARTBEAT_INTERVAL", "10")),
+        )
+        STATE["heartbeat"] = hb
+        STATE["tasks"].append(asyncio.create_task(hb.run(kube), name="shoal-heartbeat"))
+        if os.environ.get("SHOAL_LEADER_ELECTION", "true") != "false":
+            ctl.leader = LeaderElector(kube, own_ns, identity)
+            STATE["tasks"].append(asyncio.create_task(ctl.leader.run(), name="shoal-leader"))
     else:
-        desired = [Cond("Degraded", "False", "SpecValid", "")]
-    return {
-        "observedGeneration": generation,
-        "conditions": merge_conditions(status.get("conditions"), desired, generation, now),
-    }
+        log.warning(
+            "SHOAL_OPERATOR_NAMESPACE is not set: no leader election (run one replica) "
+            "and no watch heartbeat"
+        )
+    ctl.start()
+    log.info("Shoal operator started (runtime image %s)", runtime.image)
 
 
-def _register(plural: str) -> None:
-    @kopf.on.resume(GROUP, VERSION, plural)
-    @kopf.on.create(GROUP, VERSION, plural)
-    @kopf.on.update(GROUP, VERSION, plural)
-    def _reconcile(
-        spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, patch: kopf.Patch, **_: Any
-    ) -> None:
-        new = reconcile_spec(plural, dict(spec), dict(status), int(meta["generation"]), _now())
-        if {k: status.get(k) for k in new} != new:
-            patch.status.update(new)
+async def _connect_nats(ctl: Controller) -> None:
+    """Connects to NATS and declares streams and buckets, retrying until it works."""
+    url = os.environ.get("SHOAL_NATS_URL", "nats://nats:4222")
+    delay = 1.0
+    while True:
+        try:
+            admin = await JetStreamAdmin.connect(url)
+            await admin.ensure_streams()
+            await admin.ensure_buckets()
+        except Exception as exc:
+            log.warning("NATS at %s not usable yet (%s); retrying in %.0fs", url, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30)
+            continue
+        ctl.nats = admin
+        ctl.nats_ready.set()
+        log.info("connected to NATS at %s", url)
+        return
 
 
-for _plural in SPECS:
-    _register(_plural)
+@kopf.on.cleanup()
+async def _cleanup(**_: Any) -> None:
+    ctl = _controller()
+    for task in STATE.pop("tasks", []):
+        task.cancel()
+    hb: Heartbeat | None = STATE.pop("heartbeat", None)
+    if ctl is not None:
+        await ctl.stop()
+        if ctl.leader is not None:
+            await ctl.leader.release()
+        if hb is not None:
+            await ctl.kube.delete("Lease", hb.namespace, hb.name)
+        if ctl.nats is not None:
+            await ctl.nats.close()
+        await ctl.kube.close()
+    STATE.clear()
+
+
+@kopf.on.probe(id="watch")
+def _watch_probe(**_: Any) -> str:
+    """Fails the liveness endpoint when the heartbeat Lease stops coming back."""
+    hb: Heartbeat | None = STATE.get("heartbeat")
+    if hb is None:
+        return "no heartbeat configured"
+    stalled = hb.stalled_for(time.monotonic())
+    if stalled is not None:
+        raise RuntimeError(f"no watch event for {stalled:.0f}s: watching has stalled")
+    return "ok"
+
+
+# -- triggers ---------------------------------------------------------------------------
+
+
+@kopf.on.event(GROUP, VERSION, "agents")
+def _agent_event(*, namespace: str | None, name: str, type: str, body: kopf.Body, **_: Any) -> None:
+    if (ctl := _controller()) is not None:
+        ctl.on_agent(_ns(namespace), name, None if type == "DELETED" else body)
+
+
+@kopf.on.event(GROUP, VERSION, "scalingpolicies")
+def _policy_event(
+    *, namespace: str | None, name: str, type: str, body: kopf.Body, **_: Any
+) -> None:
+    if (ctl := _controller()) is not None:
+        ctl.on_policy(_ns(namespace), name, None if type == "DELETED" else body)
+
+
+@kopf.on.event(GROUP, VERSION, "workflows")
+def _workflow_event(*, namespace: str | None, name: str, **_: Any) -> None:
+    if (ctl := _controller()) is not None:
+        ctl.on_workflow(_ns(namespace), name)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS)
+def _deployment_event(*, namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
+    if (ctl := _controller()) is not None and (agent := labels.get(AGENT_LABEL)):
+        ctl.on_deployment(_ns(namespace), agent)
+
+
+@kopf.on.event("autoscaling", "v2", "horizontalpodautoscalers", labels=CHILD_LABELS)
+def _hpa_event(*, namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
+    if (ctl := _controller()) is not None and (policy := labels.get(POLICY_LABEL)):
+        ctl.queue.add(("ScalingPolicy", _ns(namespace), policy))
+
+
+@kopf.on.event("coordination.k8s.io", "v1", "leases", labels={HEARTBEAT_LABEL: "true"})
+def _heartbeat_event(*, name: str, **_: Any) -> None:
+    hb: Heartbeat | None = STATE.get("heartbeat")
+    if hb is not None and name == hb.name:
+        hb.seen()

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
 from typing import Any
 
-from shoal_testbed.fixtures import Testbed, eventually
+from shoal_testbed.fixtures import OperatorProcess, Testbed, eventually
 
 AGENT = {
     "apiVersion": "shoal.dev/v1alpha1",
@@ -31,7 +30,7 @@ def test_operator_in_process_observes_agents(
 
 
 def test_operator_as_subprocess_observes_agents(
-    testbed: Testbed, operator_process: subprocess.Popen[bytes], namespace: str
+    testbed: Testbed, operator_process: OperatorProcess, namespace: str
 ) -> None:
     testbed.apply(AGENT, namespace)
     eventually(lambda: observed(testbed, namespace), 30, what="status.observedGeneration")

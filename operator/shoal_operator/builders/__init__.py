@@ -1,0 +1,1 @@
+"""Pure functions: a parsed spec in, the desired Kubernetes / JetStream object out (dicts)."""

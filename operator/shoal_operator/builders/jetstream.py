@@ -1,0 +1,82 @@
+"""JetStream streams and the per-Agent durable consumer, as plain config dicts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shoal_api import nats_layout as nl
+from shoal_api.agent import AgentSpec
+
+# Extra ack-wait beyond the Agent's timeout: scheduling jitter and result publishing.
+ACK_MARGIN_SECONDS = 30
+DAY = 24 * 3600
+
+
+NS_PER_SECOND = 1_000_000_000
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * NS_PER_SECOND)
+
+
+def streams() -> list[dict[str, Any]]:
+    """The streams Shoal needs, declared by the operator (JetStream API wire form)."""
+    common = {"storage": "file", "discard": "old", "num_replicas": 1}
+    return [
+        {
+            "name": nl.TASKS_STREAM,
+            "subjects": [nl.TASK_SUBJECTS],
+            "retention": "workqueue",
+            "max_age": _ns(7 * DAY),
+            **common,
+        },
+        {
+            "name": nl.RESULTS_STREAM,
+            "subjects": [nl.RESULT_SUBJECTS],
+            "retention": "limits",
+            "max_age": _ns(DAY),
+            **common,
+        },
+        {
+            "name": nl.DLQ_STREAM,
+            "subjects": [nl.DLQ_SUBJECTS],
+            "retention": "limits",
+            "max_age": _ns(7 * DAY),
+            **common,
+        },
+    ]
+
+
+def retry_delays(spec: AgentSpec) -> list[float]:
+    """Delay before attempt 2, 3, ... from the Agent's exponential backoff."""
+    b = spec.retry.backoff
+    return [
+        min(b.initial_seconds * b.multiplier**i, b.max_seconds)
+        for i in range(spec.retry.max_attempts)
+    ]
+
+
+def consumer(namespace: str, agent: str, spec: AgentSpec, replicas: int) -> dict[str, Any]:
+    """The Agent's durable pull consumer (JetStream API wire form: durations in ns).
+
+    - backoff[i] is how long attempt i+1 may stay unacknowledged before JetStream
+      redelivers: the Agent's timeout plus a margin (runtimes heartbeat longer work)
+      plus the retry delay. JetStream takes ack_wait from backoff[0].
+    - max_deliver is attempts + 1: a task whose last attempt died with its worker is
+      delivered once more, and the runtime dead-letters it instead of losing it.
+    - max_ack_pending bounds work in flight: concurrency x the most replicas.
+    """
+    attempt = spec.timeout_seconds + ACK_MARGIN_SECONDS
+    backoff = [_ns(attempt + d) for d in retry_delays(spec)]
+    return {
+        "durable_name": nl.consumer_name(namespace, agent),
+        "filter_subject": nl.agent_task_filter(namespace, agent),
+        "ack_policy": "explicit",
+        "deliver_policy": "all",
+        "replay_policy": "instant",
+        "ack_wait": backoff[0],
+        "max_deliver": spec.retry.max_attempts + 1,
+        "backoff": backoff,
+        "max_ack_pending": spec.concurrency * max(1, replicas),
+        "max_waiting": 512,
+    }

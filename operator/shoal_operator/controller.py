@@ -1,0 +1,558 @@
+"""The reconcile loop: a work queue of (kind, namespace, name) keys, workers that run
+the pure reconcilers against the watch cache, and the I/O that applies their output.
+
+Every trigger (a watch event of the object or of something it depends on, a child
+changing, the periodic drift check) only queues a key; the same level-triggered
+reconcile runs for all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from kubernetes_asyncio.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from shoal_api.agent import AgentSpec
+from shoal_api.scaling import ScalingPolicySpec
+from shoal_api.workflow import WorkflowSpec
+from shoal_operator.builders.common import Owner
+from shoal_operator.builders.deployment import RuntimeDefaults
+from shoal_operator.conditions import Cond, EventSpec, merge_conditions, transition_events
+from shoal_operator.jetstream_admin import JetStreamAdmin, queue_counts
+from shoal_operator.kube import Kube, is_status
+from shoal_operator.leader import LeaderElector
+from shoal_operator.reconcilers import agent as agent_rec
+from shoal_operator.reconcilers import scaling as scaling_rec
+from shoal_operator.reconcilers import workflow as workflow_rec
+from shoal_operator.reconcilers.common import Problem
+from shoal_operator.settings import FIELD_MANAGER, FINALIZER, HANDOVER_MANAGER
+from shoal_operator.workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str, str]  # (kind, namespace, name)
+# At start-up, reconciles wait this long for NATS before reporting it unavailable.
+NATS_GRACE_SECONDS = 10.0
+
+
+class RetryLater(Exception):  # noqa: N818  (a signal, not an error)
+    """The reconcile did what it could; run it again with backoff (no traceback)."""
+
+
+MAX_BACKOFF = 300.0
+# Queue counts change all the time under load; they reach status at most this often.
+STATUS_THROTTLE_SECONDS = 5.0
+THROTTLED_STATUS_KEYS = frozenset({"queue"})
+
+
+class Index(Protocol):
+    """What we use of a kopf.Index: key -> a collection of stored values."""
+
+    def get(self, key: Any, default: Any = None) -> Any: ...
+
+    def __iter__(self) -> Any: ...
+
+
+@dataclass
+class Indexes:
+    """The watch cache (kopf indexes, filled before any reconcile runs)."""
+
+    agents: Index
+    policies: Index
+    workflows: Index
+    deployments: Index
+    hpas: Index
+    agents_by_ns: Index
+    policies_by_target: Index
+    workflows_by_ns: Index
+
+    @staticmethod
+    def one(index: Index, key: Any) -> dict[str, Any] | None:
+        store = index.get(key)
+        if not store:
+            return None
+        value: dict[str, Any] = next(iter(store))
+        return value
+
+    @staticmethod
+    def names(index: Index, key: Any) -> list[str]:
+        return sorted(set(index.get(key) or ()))
+
+
+@dataclass
+class ControllerConfig:
+    runtime: RuntimeDefaults
+    workers: int = 16
+    drift_interval: float = 60.0
+
+
+def now_rfc3339() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _api_reason(exc: BaseException) -> str:
+    if isinstance(exc, ApiException):
+        with contextlib.suppress(Exception):
+            return str(json.loads(exc.body or b"{}").get("message", exc.reason))
+        return f"{exc.status} {exc.reason}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def validation_message(exc: ValidationError) -> str:
+    return "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+
+
+@dataclass
+class Controller:
+    kube: Kube
+    config: ControllerConfig
+    nats: JetStreamAdmin | None = None
+    indexes: Indexes | None = None
+    leader: LeaderElector | None = None
+    """None: a single replica, always in charge."""
+    queue: WorkQueue[Key] = field(default_factory=WorkQueue)
+    _force: set[Key] = field(default_factory=set)
+    _failures: dict[Key, int] = field(default_factory=dict)
+    # (kind, ns, name) -> (digest of what we applied, generation or resourceVersion after)
+    _applied: dict[Key, tuple[str, str]] = field(default_factory=dict)
+    _policy_target: dict[tuple[str, str], str] = field(default_factory=dict)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _status_written: dict[Key, float] = field(default_factory=dict)
+    nats_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    _started: float = 0.0
+    last_progress: float = field(default_factory=time.monotonic)
+    clock: Callable[[], str] = now_rfc3339
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+        for i in range(self.config.workers):
+            self._tasks.append(asyncio.create_task(self._worker(), name=f"shoal-worker-{i}"))
+        self._tasks.append(asyncio.create_task(self._resync(), name="shoal-resync"))
+
+    async def stop(self) -> None:
+        self.queue.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def _in_charge(self) -> None:
+        if self.leader is not None:
+            await self.leader.leading.wait()
+        grace = self._started + NATS_GRACE_SECONDS - time.monotonic()
+        if grace > 0 and not self.nats_ready.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.nats_ready.wait(), grace)
+
+    def enqueue_all(self, force: bool) -> None:
+        if self.indexes is None:
+            return
+        for kind, index in (
+            ("Agent", self.indexes.agents),
+            ("ScalingPolicy", self.indexes.policies),
+            ("Workflow", self.indexes.workflows),
+        ):
+            for ns, name in list(index):
+                key = (kind, ns, name)
+                if force:
+                    self._force.add(key)
+                self.queue.add(key)
+
+    async def _worker(self) -> None:
+        while True:
+            await self._in_charge()
+            key = await self.queue.get()
+            try:
+                await self.reconcile(key)
+                self._failures.pop(key, None)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                n = self._failures.get(key, 0) + 1
+                self._failures[key] = n
+                delay = min(MAX_BACKOFF, 0.5 * 2**n)
+                log.exception(
+                    "reconcile %s/%s/%s failed (attempt %d); retrying in %.0fs", *key, n, delay
+                )
+                self.queue.add_after(key, delay)
+            finally:
+                self.queue.done(key)
+                self.last_progress = time.monotonic()
+
+    async def _resync(self) -> None:
+        """The drift check: every object is reconciled, children re-applied, periodically."""
+        while True:
+            await asyncio.sleep(self.config.drift_interval)
+            if self.indexes is None:
+                continue
+            for kind, index in (
+                ("Agent", self.indexes.agents),
+                ("ScalingPolicy", self.indexes.policies),
+                ("Workflow", self.indexes.workflows),
+            ):
+                for ns, name in list(index):
+                    key = (kind, ns, name)
+                    self._force.add(key)
+                    self.queue.add(key)
+
+    # -- triggers (called from the kopf glue) ----------------------------------------
+
+    def on_agent(self, namespace: str, name: str, body: Mapping[str, Any] | None) -> None:
+        self.queue.add(("Agent", namespace, name))
+        if self.indexes is None:
+            return
+        # Whatever refers to this Agent may change Ready with it.
+        for other in Indexes.names(self.indexes.agents_by_ns, namespace):
+            if other != name:
+                spec = (Indexes.one(self.indexes.agents, (namespace, other)) or {}).get("spec", {})
+                if name in (
+                    spec.get("fallback", {}).get("agent"),
+                    spec.get("escalation", {}).get("agent"),
+                ):
+                    self.queue.add(("Agent", namespace, other))
+        for policy in Indexes.names(self.indexes.policies_by_target, (namespace, name)):
+            self.queue.add(("ScalingPolicy", namespace, policy))
+        for wf in Indexes.names(self.indexes.workflows_by_ns, namespace):
+            self.queue.add(("Workflow", namespace, wf))
+
+    def on_policy(self, namespace: str, name: str, body: Mapping[str, Any] | None) -> None:
+        self.queue.add(("ScalingPolicy", namespace, name))
+        target = ((body or {}).get("spec") or {}).get("targetRef", {}).get("name")
+        previous = self._policy_target.get((namespace, name))
+        for agent in {target, previous} - {None}:
+            assert agent is not None
+            self.queue.add(("Agent", namespace, agent))
+            if self.indexes is not None:
+                for other in Indexes.names(self.indexes.policies_by_target, (namespace, agent)):
+                    self.queue.add(("ScalingPolicy", namespace, other))
+        if body is None or target is None:
+            self._policy_target.pop((namespace, name), None)
+        else:
+            self._policy_target[(namespace, name)] = target
+
+    def on_deployment(self, namespace: str, agent: str) -> None:
+        """A child Deployment changed: its Agent (and the policy reporting its replicas)."""
+        self.queue.add(("Agent", namespace, agent))
+        if self.indexes is not None:
+            for policy in Indexes.names(self.indexes.policies_by_target, (namespace, agent)):
+                self.queue.add(("ScalingPolicy", namespace, policy))
+
+    def on_workflow(self, namespace: str, name: str) -> None:
+        self.queue.add(("Workflow", namespace, name))
+
+    # -- reconcile -------------------------------------------------------------------
+
+    async def reconcile(self, key: Key) -> None:
+        kind, namespace, name = key
+        force = key in self._force
+        self._force.discard(key)
+        if kind == "Agent":
+            await self._reconcile_agent(namespace, name, force)
+        elif kind == "ScalingPolicy":
+            await self._reconcile_policy(namespace, name, force)
+        elif kind == "Workflow":
+            await self._reconcile_workflow(namespace, name)
+
+    def _idx(self) -> Indexes:
+        if self.indexes is None:
+            raise RuntimeError("reconcile before the watch cache exists")
+        return self.indexes
+
+    def _agents(self, namespace: str) -> frozenset[str]:
+        return frozenset(Indexes.names(self._idx().agents_by_ns, namespace))
+
+    async def _apply(
+        self,
+        obj: dict[str, Any],
+        observed: Mapping[str, Any] | None,
+        force: bool,
+        watched: bool = True,
+    ) -> dict[str, Any] | None:
+        """Server-side apply, skipped when neither the input nor the object has changed
+        since our last apply. ``watched`` children are compared with the watch cache;
+        the others are re-applied by the drift check, which always applies."""
+        meta = obj["metadata"]
+        key = (obj["kind"], meta["namespace"], meta["name"])
+        digest = _digest(obj)
+        last = self._applied.get(key)
+        if not force and last is not None:
+            if not watched and last[0] == digest:
+                return None
+            if observed is not None and last == (digest, _version(observed)):
+                return dict(observed)
+        result = await self.kube.apply(obj)
+        self._applied[key] = (digest, _version(result))
+        return result
+
+    async def _write_status(
+        self,
+        kind: str,
+        body: Mapping[str, Any],
+        status: dict[str, Any],
+        events: Iterable[EventSpec],
+    ) -> None:
+        current = body.get("status") or {}
+        meta = body["metadata"]
+        key = (kind, meta["namespace"], meta["name"])
+        changed = {k for k, v in status.items() if current.get(k) != v}
+        if changed and changed <= THROTTLED_STATUS_KEYS:
+            wait = self._status_written.get(key, 0.0) + STATUS_THROTTLE_SECONDS - time.monotonic()
+            if wait > 0:
+                self.queue.add_after(key, wait)
+                changed = set()
+        if changed:
+            await self.kube.merge_patch(
+                kind, meta["namespace"], meta["name"], {"status": status}, sub="status"
+            )
+            self._status_written[key] = time.monotonic()
+        for ev in events:
+            try:
+                await self.kube.event(dict(body), ev.type, ev.reason, ev.message)
+            except Exception as exc:  # an Event is best effort, never worth a retry
+                log.warning("posting event %s failed: %s", ev.reason, _api_reason(exc))
+
+    async def _finalize(
+        self, kind: str, body: Mapping[str, Any], cleanup: Callable[[], Any] | None
+    ) -> bool:
+        """Adds our finalizer, or runs cleanup and removes it. True: object is going away."""
+        meta = body["metadata"]
+        finalizers = list(meta.get("finalizers") or [])
+        if meta.get("deletionTimestamp"):
+            if FINALIZER in finalizers:
+                if cleanup is not None:
+                    await cleanup()
+                await self.kube.merge_patch(
+                    kind,
+                    meta["namespace"],
+                    meta["name"],
+                    {
+                        "metadata": {
+                            "finalizers": [f for f in finalizers if f != FINALIZER],
+                            "resourceVersion": meta["resourceVersion"],
+                        }
+                    },
+                )
+            return True
+        if FINALIZER not in finalizers:
+            await self.kube.merge_patch(
+                kind,
+                meta["namespace"],
+                meta["name"],
+                {
+                    "metadata": {
+                        "finalizers": [*finalizers, FINALIZER],
+                        "resourceVersion": meta["resourceVersion"],
+                    }
+                },
+            )
+        return False
+
+    async def _invalid(self, kind: str, body: Mapping[str, Any], exc: ValidationError) -> None:
+        message = validation_message(exc)
+        gen = int(body["metadata"].get("generation", 0))
+        current = body.get("status") or {}
+        conds = merge_conditions(
+            current.get("conditions"),
+            [
+                Cond("Ready", "False", "InvalidSpec", message),
+                Cond("Degraded", "True", "InvalidSpec", message),
+            ],
+            gen,
+            self.clock(),
+        )
+        await self._write_status(
+            kind,
+            body,
+            {"observedGeneration": gen, "conditions": conds},
+            transition_events(current.get("conditions"), conds),
+        )
+
+    async def _reconcile_agent(self, namespace: str, name: str, force: bool) -> None:
+        idx = self._idx()
+        body = Indexes.one(idx.agents, (namespace, name))
+        if body is None:
+            return
+        js = self.nats
+
+        async def cleanup() -> None:
+            if js is None:
+                raise RuntimeError("NATS is not connected; JetStream cleanup must wait")
+            await js.remove_agent(namespace, name)
+
+        if await self._finalize("Agent", body, cleanup):
+            return
+        try:
+            spec = AgentSpec.model_validate(body["spec"])
+        except ValidationError as exc:
+            await self._invalid("Agent", body, exc)
+            return
+        meta = body["metadata"]
+        owner = Owner("Agent", namespace, name, meta["uid"])
+        policy = self._scaling_policy_for(namespace, name)
+        observed = agent_rec.AgentObserved(
+            deployment=Indexes.one(idx.deployments, (namespace, name)),
+            agents=self._agents(namespace),
+            scaled_by=policy[0] if policy else None,
+            max_replicas=policy[1] if policy else 1,
+        )
+        plan = agent_rec.plan(owner, spec, observed, self.config.runtime, FIELD_MANAGER)
+        problems: list[Problem] = []
+        deployment = observed.deployment
+        if plan.handover is not None:
+            await self.kube.apply(plan.handover, manager=HANDOVER_MANAGER)
+        for obj in plan.apply:
+            try:
+                if obj["kind"] == "Deployment":
+                    deployment = await self._apply(obj, deployment, force)
+                else:
+                    await self._apply(obj, None, force, watched=False)
+            except ApiException as exc:
+                problems.append(Problem("ApplyFailed", f"{obj['kind']} {name}: {_api_reason(exc)}"))
+        for kind, child in plan.delete:
+            existing = await self.kube.get(kind, namespace, child)
+            if existing and any(
+                r.get("uid") == meta["uid"] for r in existing["metadata"].get("ownerReferences", [])
+            ):
+                await self.kube.delete(kind, namespace, child)
+        outcome = agent_rec.AgentOutcome(problems=problems)
+        if js is None:
+            problems.append(Problem("JetStreamUnavailable", "not connected to NATS yet"))
+        else:
+            try:
+                info = await js.ensure_consumer(plan.consumer)
+                pending, in_flight = queue_counts(info)
+                outcome = agent_rec.AgentOutcome(problems, pending, in_flight)
+            except Exception as exc:
+                problems.append(
+                    Problem(
+                        "JetStreamUnavailable", f"consumer {plan.consumer['durable_name']}: {exc}"
+                    )
+                )
+        observed = agent_rec.AgentObserved(
+            deployment, observed.agents, observed.scaled_by, observed.max_replicas
+        )
+        status, events = agent_rec.status(
+            int(meta.get("generation", 0)),
+            namespace,
+            spec,
+            observed,
+            outcome,
+            body.get("status") or {},
+            self.clock(),
+        )
+        await self._write_status("Agent", body, status, events)
+        if any(p.reason == "JetStreamUnavailable" for p in problems):
+            raise RetryLater("JetStream unavailable")
+
+    def _scaling_policy_for(self, namespace: str, agent: str) -> tuple[str, int] | None:
+        """The policy that scales ``agent`` (first by name) and its maxReplicas."""
+        idx = self._idx()
+        for policy in Indexes.names(idx.policies_by_target, (namespace, agent)):
+            body = Indexes.one(idx.policies, (namespace, policy))
+            if body and not body["metadata"].get("deletionTimestamp"):
+                try:
+                    spec = ScalingPolicySpec.model_validate(body["spec"])
+                except ValidationError:
+                    continue
+                return policy, spec.max_replicas
+        return None
+
+    async def _reconcile_policy(self, namespace: str, name: str, force: bool) -> None:
+        idx = self._idx()
+        body = Indexes.one(idx.policies, (namespace, name))
+        if body is None:
+            return
+        try:
+            spec = ScalingPolicySpec.model_validate(body["spec"])
+        except ValidationError as exc:
+            await self._invalid("ScalingPolicy", body, exc)
+            return
+        meta = body["metadata"]
+        owner = Owner("ScalingPolicy", namespace, name, meta["uid"])
+        winner = self._scaling_policy_for(namespace, spec.target_ref.name)
+        observed = scaling_rec.PolicyObserved(
+            agents=self._agents(namespace),
+            winner=winner[0] if winner else name,
+            hpa=Indexes.one(idx.hpas, (namespace, name)),
+            deployment=Indexes.one(idx.deployments, (namespace, spec.target_ref.name)),
+        )
+        plan = scaling_rec.plan(owner, spec, observed)
+        problems: list[Problem] = []
+        hpa = observed.hpa
+        if plan.hpa is not None:
+            try:
+                hpa = await self._apply(plan.hpa, observed.hpa, force)
+            except ApiException as exc:
+                problems.append(
+                    Problem("ApplyFailed", f"HorizontalPodAutoscaler {name}: {_api_reason(exc)}")
+                )
+        elif observed.hpa is not None:
+            await self.kube.delete("HorizontalPodAutoscaler", namespace, name)
+            self._applied.pop(("HorizontalPodAutoscaler", namespace, name), None)
+            hpa = None
+        observed = scaling_rec.PolicyObserved(
+            observed.agents, observed.winner, hpa, observed.deployment
+        )
+        status, events = scaling_rec.status(
+            int(meta.get("generation", 0)),
+            owner,
+            observed,
+            plan,
+            problems,
+            body.get("status") or {},
+            self.clock(),
+        )
+        await self._write_status("ScalingPolicy", body, status, events)
+
+    async def _reconcile_workflow(self, namespace: str, name: str) -> None:
+        idx = self._idx()
+        body = Indexes.one(idx.workflows, (namespace, name))
+        if body is None:
+            return
+        try:
+            spec = WorkflowSpec.model_validate(body["spec"])
+        except ValidationError as exc:
+            await self._invalid("Workflow", body, exc)
+            return
+        capabilities = {}
+        for agent in self._agents(namespace):
+            agent_body = Indexes.one(idx.agents, (namespace, agent)) or {}
+            capabilities[agent] = frozenset(agent_body.get("spec", {}).get("capabilities", []))
+        status, events = workflow_rec.status(
+            int(body["metadata"].get("generation", 0)),
+            namespace,
+            spec,
+            capabilities,
+            body.get("status") or {},
+            self.clock(),
+        )
+        await self._write_status("Workflow", body, status, events)
+
+
+def _version(obj: Mapping[str, Any] | None) -> str:
+    """What changes when somebody else edits an object: generation where it has one."""
+    if obj is None:
+        return ""
+    meta = obj.get("metadata", {})
+    gen = meta.get("generation")
+    return f"g{gen}" if gen is not None else f"r{meta.get('resourceVersion', '')}"
+
+
+def is_conflict(exc: BaseException) -> bool:
+    return is_status(exc, 409)

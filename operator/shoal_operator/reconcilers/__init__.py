@@ -1,0 +1,1 @@
+"""Pure reconcilers: (parsed spec, observed state, now) -> desired children + status."""

@@ -1,0 +1,112 @@
+"""ScalingPolicy: an HPA on the target Agent's Deployment; status mirrors the HPA."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from shoal_api.scaling import ScalingPolicySpec
+from shoal_operator.builders import hpa as hpa_builder
+from shoal_operator.builders.common import Owner
+from shoal_operator.conditions import Cond, EventSpec, merge_conditions, transition_events
+from shoal_operator.reconcilers.common import Problem
+
+
+@dataclass(frozen=True)
+class PolicyObserved:
+    agents: frozenset[str]
+    """Names of the Agents in the namespace."""
+    winner: str
+    """The policy that scales the target when several name it (first by name)."""
+    hpa: Mapping[str, Any] | None
+    deployment: Mapping[str, Any] | None = None
+    """The target Agent's Deployment: its replicas are the current ones."""
+
+
+@dataclass(frozen=True)
+class PolicyPlan:
+    hpa: dict[str, Any] | None
+    """None: the HPA must not exist (target missing or claimed by another policy)."""
+    problems: list[Problem]
+
+
+def plan(owner: Owner, spec: ScalingPolicySpec, observed: PolicyObserved) -> PolicyPlan:
+    target = spec.target_ref.name
+    if target not in observed.agents:
+        return PolicyPlan(
+            None,
+            [
+                Problem(
+                    "TargetNotFound",
+                    f"target Agent {target} does not exist in namespace {owner.namespace}",
+                )
+            ],
+        )
+    if observed.winner != owner.name:
+        return PolicyPlan(
+            None,
+            [
+                Problem(
+                    "TargetConflict",
+                    f"Agent {target} is already scaled by ScalingPolicy {observed.winner}",
+                )
+            ],
+        )
+    return PolicyPlan(hpa_builder.hpa(owner, spec), [])
+
+
+def status(
+    generation: int,
+    owner: Owner,
+    observed: PolicyObserved,
+    plan_: PolicyPlan,
+    extra_problems: list[Problem],
+    current: Mapping[str, Any],
+    now: str,
+) -> tuple[dict[str, Any], list[EventSpec]]:
+    problems = plan_.problems + extra_problems
+    hpa_status = (observed.hpa or {}).get("status", {})
+    dep = observed.deployment or {}
+    current_replicas = int(dep.get("status", {}).get("replicas", 0))
+    desired = hpa_status.get("desiredReplicas", dep.get("spec", {}).get("replicas", 0))
+    conds: list[Cond] = []
+    if problems:
+        message = "; ".join(p.message for p in problems)
+        conds += [
+            Cond("Ready", "False", problems[0].reason, message),
+            Cond("Degraded", "True", problems[0].reason, message),
+        ]
+    elif observed.hpa is None:
+        conds += [
+            Cond("Ready", "False", "Creating", "HorizontalPodAutoscaler not observed yet"),
+            Cond("Degraded", "False", "AsExpected", ""),
+        ]
+    else:
+        conds += [
+            Cond(
+                "Ready",
+                "True",
+                "HPAReady",
+                f"HorizontalPodAutoscaler {owner.name} scales the target",
+            ),
+            Cond("Degraded", "False", "AsExpected", ""),
+        ]
+    conds.append(
+        Cond("Active", "True", "Scaled", f"{current_replicas} replicas")
+        if current_replicas > 0
+        else Cond("Active", "False", "NoReplicas", "0 replicas")
+    )
+    conditions = merge_conditions(current.get("conditions"), conds, generation, now)
+    new: dict[str, Any] = {
+        "observedGeneration": generation,
+        "conditions": conditions,
+        "currentReplicas": current_replicas,
+        "desiredReplicas": int(desired),
+        "hpaName": owner.name if plan_.hpa is not None else "",
+    }
+    if hpa_status.get("lastScaleTime"):
+        new["lastScaleTime"] = hpa_status["lastScaleTime"]
+    if "lastDecision" in current:
+        new["lastDecision"] = current["lastDecision"]
+    return new, transition_events(current.get("conditions"), conditions)

@@ -1,0 +1,96 @@
+"""Workflow: validation the API server cannot do (cycles, missing Agents, templates)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from shoal_api import dag
+from shoal_api.workflow import WorkflowSpec
+from shoal_operator.conditions import Cond, EventSpec, merge_conditions, transition_events
+from shoal_operator.reconcilers.common import Problem
+
+
+def problems(
+    namespace: str, spec: WorkflowSpec, capabilities: Mapping[str, frozenset[str]]
+) -> list[Problem]:
+    """What keeps the Workflow from running; ``capabilities`` maps Agent -> capabilities."""
+    out: list[Problem] = []
+    if cycle := dag.find_cycle(spec.steps):
+        out.append(Problem("DependencyCycle", "steps form a cycle: " + " -> ".join(cycle)))
+        return out
+    names = {s.name for s in spec.steps}
+    before = dag.ancestors(spec.steps)
+    for step in spec.steps:
+        if step.agent is not None and step.agent not in capabilities:
+            out.append(
+                Problem(
+                    "AgentNotFound",
+                    f"step {step.name}: Agent {step.agent} does not exist in namespace {namespace}",
+                )
+            )
+        if step.agent_selector is not None:
+            cap = step.agent_selector.capability
+            if not any(cap in caps for caps in capabilities.values()):
+                out.append(
+                    Problem(
+                        "NoAgentWithCapability",
+                        f"step {step.name}: no Agent in namespace {namespace} has capability {cap}",
+                    )
+                )
+        if step.fallback is not None and step.fallback.agent not in capabilities:
+            out.append(
+                Problem(
+                    "AgentNotFound",
+                    f"step {step.name}: fallback Agent {step.fallback.agent} does "
+                    f"not exist in namespace {namespace}",
+                )
+            )
+        for ref in sorted(dag.template_step_refs(step.input)):
+            if ref not in names:
+                out.append(
+                    Problem(
+                        "InvalidTemplate", f"step {step.name}: input refers to unknown step {ref}"
+                    )
+                )
+            elif ref not in before[step.name]:
+                out.append(
+                    Problem(
+                        "InvalidTemplate",
+                        f"step {step.name}: input uses step {ref}, which it does not depend on",
+                    )
+                )
+    for ref in sorted(dag.template_step_refs(spec.output or {})):
+        if ref not in names:
+            out.append(Problem("InvalidTemplate", f"output refers to unknown step {ref}"))
+    return out
+
+
+def status(
+    generation: int,
+    namespace: str,
+    spec: WorkflowSpec,
+    capabilities: Mapping[str, frozenset[str]],
+    current: Mapping[str, Any],
+    now: str,
+) -> tuple[dict[str, Any], list[EventSpec]]:
+    found = problems(namespace, spec, capabilities)
+    if found:
+        message = "; ".join(p.message for p in found)
+        conds = [
+            Cond("Ready", "False", found[0].reason, message),
+            Cond("Degraded", "True", found[0].reason, message),
+        ]
+    else:
+        conds = [
+            Cond("Ready", "True", "Valid", f"{len(spec.steps)} steps, every Agent present"),
+            Cond("Degraded", "False", "AsExpected", ""),
+        ]
+    conditions = merge_conditions(current.get("conditions"), conds, generation, now)
+    new = {
+        **current,
+        "observedGeneration": generation,
+        "conditions": conditions,
+        "stepCount": len(spec.steps),
+    }
+    return new, transition_events(current.get("conditions"), conditions)
