@@ -31,18 +31,23 @@ dev: $(VENV)/.installed ## Create .venv and build/cache the control-plane binari
 
 .PHONY: crds
 crds: $(VENV)/.installed ## Regenerate crds/ from the pydantic models
-	$(PY) -m shoal_api.crd crds
+	$(PY) -m shoal_api.crd crds helm/shoal/crds
+
+.PHONY: manifests
+manifests: $(VENV)/.installed ## Regenerate the operator's RBAC (kustomize + chart) from rbac.py
+	$(PY) -m shoal_operator.rbac .
 
 .PHONY: lint
 lint: $(VENV)/.installed ## ruff, mypy --strict, import-linter
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy --strict api operator agent-runtime hack tests
+	$(VENV)/bin/mypy --strict api operator agent-runtime hack tests bench
 	$(VENV)/bin/lint-imports
 
 .PHONY: verify
 verify: $(VENV)/.installed lint ## Generated files are current, and lint passes
-	$(PY) -m shoal_api.crd --check crds
+	$(PY) -m shoal_api.crd --check crds helm/shoal/crds
+	$(PY) -m shoal_operator.rbac --check .
 
 .PHONY: cluster-up
 cluster-up: dev ## Start the local control plane + NATS (.cluster/kubeconfig, .cluster/nats-url)
@@ -54,8 +59,17 @@ cluster-down: ## Stop the local control plane and remove its state
 
 .PHONY: install-crds
 install-crds: cluster-up
-	$(KUBECTL) apply --server-side --field-manager=shoal -f crds/
-	$(KUBECTL) wait --for=condition=Established --timeout=60s -f crds/
+	$(KUBECTL) apply --server-side --field-manager=shoal -k crds/
+	$(KUBECTL) wait --for=condition=Established --timeout=60s crd -l app.kubernetes.io/part-of=shoal
+
+.PHONY: run-operator
+run-operator: install-crds ## Run the operator in the foreground against the local cluster
+	KUBECONFIG=$(KUBECONFIG_LOCAL) SHOAL_NATS_URL=$$(cat $(CLUSTER_DIR)/nats-url) \
+	SHOAL_OPERATOR_NAMESPACE=default $(PY) -m shoal_operator --liveness http://127.0.0.1:8080/healthz
+
+.PHONY: bench
+bench: dev ## Benchmarks (fresh local test beds); writes bench/results/*.json and *.md
+	$(PY) bench/operator_scale.py
 
 .PHONY: demo
 demo: install-crds ## Start the local cluster, install Shoal, apply the examples

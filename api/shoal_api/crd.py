@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import yaml
 
 from shoal_api.agent import Agent
 from shoal_api.base import GROUP, VERSION, ApiModel
+from shoal_api.generated import write_or_check
 from shoal_api.scaling import ScalingPolicy
 from shoal_api.workflow import Workflow
 
@@ -237,21 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         "--check", action="store_true", help="fail if a file differs instead of writing it"
     )
     args = parser.parse_args(argv)
-    stale = []
-    for outdir in args.outdirs:
-        for kind in KINDS:
-            path = outdir / f"{kind.crd_name}.yaml"
-            text = render(kind)
-            if args.check:
-                if not path.exists() or path.read_text() != text:
-                    stale.append(path)
-            else:
-                outdir.mkdir(parents=True, exist_ok=True)
-                path.write_text(text)
-    if stale:
-        print("out of date (run `make crds`): " + ", ".join(map(str, stale)), file=sys.stderr)
-        return 1
-    return 0
+    files = {d / f"{k.crd_name}.yaml": render(k) for d in args.outdirs for k in KINDS}
+    return write_or_check(files, args.check, "make crds")
 
 
 if __name__ == "__main__":

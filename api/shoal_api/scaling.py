@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from shoal_api.base import ApiModel, Conditions, JsonObject, Name, cel, validations
 
@@ -49,6 +49,19 @@ class Metric(ApiModel):
     """Latency: p95 latency in milliseconds to aim for."""
     target_utilization_percent: Annotated[int, Field(ge=1, le=100)] | None = None
     """CPU: average utilisation of the requests to aim for."""
+
+    @model_validator(mode="after")
+    def _target_for_type(self) -> Metric:
+        # The same rule as the CEL validations above, for objects that bypass the API.
+        needed = {
+            "QueueLag": ("target", self.target),
+            "Latency": ("targetMillis", self.target_millis),
+            "CPU": ("targetUtilizationPercent", self.target_utilization_percent),
+        }
+        field_name, value = needed[self.type]
+        if value is None:
+            raise ValueError(f"{self.type} needs {field_name}")
+        return self
 
 
 class Activation(ApiModel):

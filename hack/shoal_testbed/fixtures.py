@@ -189,10 +189,13 @@ def testbed() -> Iterator[Testbed]:
 def crds(testbed: Testbed) -> list[str]:
     """The CRDs from crds/ installed (server-side apply) and Established."""
     testbed.kubectl(
-        "apply", "--server-side", "--force-conflicts", "--field-manager=shoal", "-f", str(CRD_DIR)
+        "apply", "--server-side", "--force-conflicts", "--field-manager=shoal", "-k", str(CRD_DIR)
     )
-    testbed.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRD_DIR))
-    return sorted(p.name.removesuffix(".yaml") for p in CRD_DIR.glob("*.yaml"))
+    names = sorted(p.name.removesuffix(".yaml") for p in CRD_DIR.glob("*.shoal.dev.yaml"))
+    testbed.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", *(f"crd/{n}" for n in names)
+    )
+    return names
 
 
 @pytest.fixture
@@ -227,8 +230,9 @@ def operator(testbed: Testbed, crds: list[str], namespace: str) -> Iterator[Any]
 class OperatorProcess:
     """``python -m shoal_operator`` as a child process: kill it, restart it, read its log."""
 
-    def __init__(self, namespace: str) -> None:
+    def __init__(self, namespace: str, kubeconfig: Path | None = None) -> None:
         self.namespace = namespace
+        self.kubeconfig = kubeconfig
         self.port = free_port()
         self.log = Path(tempfile.mkstemp(prefix="shoal-operator-", suffix=".log")[1])
         self.proc: subprocess.Popen[bytes] | None = None
@@ -240,6 +244,8 @@ class OperatorProcess:
 
     def start(self) -> None:
         env = {**os.environ, "SHOAL_OPERATOR_NAMESPACE": self.namespace}
+        if self.kubeconfig is not None:
+            env["KUBECONFIG"] = str(self.kubeconfig)
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [
@@ -288,12 +294,12 @@ class OperatorProcess:
 @pytest.fixture
 def spawn_operator(
     testbed: Testbed, crds: list[str], namespace: str
-) -> Iterator[Callable[[], OperatorProcess]]:
+) -> Iterator[Callable[..., OperatorProcess]]:
     """Starts operator processes watching the test's namespace; all stopped afterwards."""
     started: list[OperatorProcess] = []
 
-    def spawn() -> OperatorProcess:
-        op = OperatorProcess(namespace)
+    def spawn(kubeconfig: Path | None = None) -> OperatorProcess:
+        op = OperatorProcess(namespace, kubeconfig)
         started.append(op)
         return op
 
@@ -304,6 +310,6 @@ def spawn_operator(
 
 
 @pytest.fixture
-def operator_process(spawn_operator: Callable[[], OperatorProcess]) -> OperatorProcess:
+def operator_process(spawn_operator: Callable[..., OperatorProcess]) -> OperatorProcess:
     """The operator as a separate process, for kill/restart tests."""
     return spawn_operator()

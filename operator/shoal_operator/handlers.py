@@ -94,6 +94,16 @@ def shoal_hpas(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -
 # -- lifecycle --------------------------------------------------------------------------
 
 
+@kopf.on.login()
+def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    # kopf's default login through kubernetes_asyncio reads the KUBECONFIG the library
+    # captured when first imported; these read the environment now.
+    info: kopf.ConnectionInfo | None = kopf.login_with_service_account(
+        **kwargs
+    ) or kopf.login_with_kubeconfig(**kwargs)
+    return info
+
+
 @kopf.on.startup()
 async def _startup(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
     configure(settings)

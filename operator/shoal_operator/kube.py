@@ -60,7 +60,7 @@ class Kube:
     """An API client of the operator; one per process."""
 
     def __init__(self, api: client.ApiClient) -> None:
-        self._api = api
+        self.api = api
         self.instance = os.environ.get("POD_NAME") or socket.gethostname()
 
     @classmethod
@@ -68,11 +68,12 @@ class Kube:
         try:
             config.load_incluster_config()  # type: ignore[no-untyped-call]
         except config.ConfigException:
-            await config.load_kube_config()
+            # Read KUBECONFIG now: the library captured it when first imported.
+            await config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
         return cls(client.ApiClient())
 
     async def close(self) -> None:
-        await self._api.close()
+        await self.api.close()
 
     async def _call(
         self,
@@ -82,7 +83,7 @@ class Kube:
         content_type: str = "application/json",
         query: list[tuple[str, str]] | None = None,
     ) -> dict[str, Any]:
-        result = await self._api.call_api(
+        result = await self.api.call_api(
             path,
             method,
             query_params=query or [],

@@ -26,10 +26,13 @@ class WorkQueue(Generic[K]):
             self._queue.put_nowait(key)
 
     def add_after(self, key: K, delay: float) -> None:
-        """Queue ``key`` after ``delay`` seconds (an earlier pending timer wins)."""
-        if key in self._timers:
-            return
+        """Queue ``key`` after ``delay`` seconds; of two pending timers the sooner wins."""
         loop = asyncio.get_running_loop()
+        pending = self._timers.get(key)
+        if pending is not None:
+            if pending.when() <= loop.time() + delay:
+                return
+            pending.cancel()
 
         def fire() -> None:
             self._timers.pop(key, None)

@@ -88,3 +88,19 @@ def test_models_are_immutable() -> None:
     agent = Agent.model_validate({"spec": {"handler": {"python": "m:f"}}})
     with pytest.raises(ValidationError):
         agent.spec.concurrency = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("metric", "needed"),
+    [
+        ({"type": "QueueLag"}, "target"),
+        ({"type": "Latency"}, "targetMillis"),
+        ({"type": "CPU"}, "targetUtilizationPercent"),
+    ],
+)
+def test_metric_needs_its_target(metric: dict[str, Any], needed: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        ScalingPolicySpec.model_validate(
+            {"targetRef": {"name": "a"}, "maxReplicas": 2, "metrics": [metric]}
+        )
+    assert f"{metric['type']} needs {needed}" in str(err.value)

@@ -16,7 +16,7 @@ NS_PER_SECOND = 1_000_000_000
 
 
 def _ns(seconds: float) -> int:
-    return int(seconds * NS_PER_SECOND)
+    return round(seconds * NS_PER_SECOND)
 
 
 def streams() -> list[dict[str, Any]]:

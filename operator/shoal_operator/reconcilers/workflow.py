@@ -22,6 +22,11 @@ def problems(
     names = {s.name for s in spec.steps}
     before = dag.ancestors(spec.steps)
     for step in spec.steps:
+        for dep in step.depends_on:
+            if dep not in names:
+                out.append(
+                    Problem("UnknownStep", f"step {step.name}: dependsOn unknown step {dep}")
+                )
         if step.agent is not None and step.agent not in capabilities:
             out.append(
                 Problem(
