@@ -68,7 +68,9 @@ def transition_events(
     if after is not None and (before is None or before.get("status") != after["status"]):
         if after["status"] == "True":
             events.append(EventSpec("Normal", after["reason"], after["message"] or "Ready"))
-        else:
+        elif before is not None:
+            # Losing Ready is news; a new object that is not Ready yet is not (the
+            # Degraded rule below reports real problems).
             events.append(EventSpec("Warning", after["reason"], after["message"]))
     d_before, d_after = find(old, "Degraded"), find(new, "Degraded")
     if (

@@ -73,6 +73,7 @@ class Indexes:
     deployments: Index
     hpas: Index
     agents_by_ns: Index
+    agents_by_reference: Index
     policies_by_target: Index
     workflows_by_ns: Index
 
@@ -130,6 +131,7 @@ class Controller:
     # (kind, ns, name) -> (digest of what we applied, generation or resourceVersion after)
     _applied: dict[Key, tuple[str, str]] = field(default_factory=dict)
     _policy_target: dict[tuple[str, str], str] = field(default_factory=dict)
+    _agent_generation: dict[tuple[str, str], Any] = field(default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _status_written: dict[Key, float] = field(default_factory=dict)
     nats_ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -172,7 +174,7 @@ class Controller:
                 key = (kind, ns, name)
                 if force:
                     self._force.add(key)
-                self.queue.add(key)
+                self.queue.add(key, low=True)
 
     async def _worker(self) -> None:
         while True:
@@ -217,15 +219,17 @@ class Controller:
         self.queue.add(("Agent", namespace, name))
         if self.indexes is None:
             return
+        # Dependents care about the Agent's existence and spec, not its status writes.
+        generation = None if body is None else body.get("metadata", {}).get("generation")
+        if body is not None and self._agent_generation.get((namespace, name)) == generation:
+            return
+        if body is None:
+            self._agent_generation.pop((namespace, name), None)
+        else:
+            self._agent_generation[(namespace, name)] = generation
         # Whatever refers to this Agent may change Ready with it.
-        for other in Indexes.names(self.indexes.agents_by_ns, namespace):
-            if other != name:
-                spec = (Indexes.one(self.indexes.agents, (namespace, other)) or {}).get("spec", {})
-                if name in (
-                    spec.get("fallback", {}).get("agent"),
-                    spec.get("escalation", {}).get("agent"),
-                ):
-                    self.queue.add(("Agent", namespace, other))
+        for other in Indexes.names(self.indexes.agents_by_reference, (namespace, name)):
+            self.queue.add(("Agent", namespace, other))
         for policy in Indexes.names(self.indexes.policies_by_target, (namespace, name)):
             self.queue.add(("ScalingPolicy", namespace, policy))
         for wf in Indexes.names(self.indexes.workflows_by_ns, namespace):

@@ -23,7 +23,7 @@ from shoal_operator.health import HEARTBEAT_LABEL, Heartbeat
 from shoal_operator.jetstream_admin import JetStreamAdmin
 from shoal_operator.kube import Kube
 from shoal_operator.leader import LeaderElector
-from shoal_operator.settings import configure
+from shoal_operator.settings import FIELD_MANAGER, HANDOVER_MANAGER, configure
 
 log = logging.getLogger("shoal_operator")
 
@@ -46,13 +46,59 @@ def _ns(namespace: str | None) -> str:
     return namespace
 
 
-def _entry(body: kopf.Body) -> dict[str, Any]:
-    return {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body}
+_META_KEPT = (
+    "name",
+    "namespace",
+    "uid",
+    "generation",
+    "resourceVersion",
+    "labels",
+    "finalizers",
+    "deletionTimestamp",
+    "ownerReferences",
+)
+_OUR_MANAGERS = (FIELD_MANAGER, HANDOVER_MANAGER)
+
+
+def _entry(body: kopf.Body, spec: bool = True) -> dict[str, Any]:
+    """What the cache keeps of an object: enough to reconcile, not the whole body (the
+    last-applied annotation and managedFields of 1,000 objects weigh megabytes)."""
+    meta = body.get("metadata", {})
+    out: dict[str, Any] = {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {k: meta[k] for k in _META_KEPT if k in meta},
+        "status": body.get("status") or {},
+    }
+    if spec:
+        out["spec"] = body.get("spec") or {}
+    return out
+
+
+def _child_entry(body: kopf.Body) -> dict[str, Any]:
+    """A child keeps its replicas and our own managedFields (for the HPA handover)."""
+    out = _entry(body, spec=False)
+    out["spec"] = {"replicas": (body.get("spec") or {}).get("replicas")}
+    out["metadata"]["managedFields"] = [
+        m
+        for m in body.get("metadata", {}).get("managedFields") or []
+        if m.get("manager") in _OUR_MANAGERS
+    ]
+    return out
 
 
 @kopf.index(GROUP, VERSION, "agents")
 def shoal_agents(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
     return {(_ns(namespace), name): _entry(body)}
+
+
+@kopf.index(GROUP, VERSION, "agents")
+def shoal_agents_by_reference(
+    *, namespace: str | None, name: str, spec: kopf.Spec, **_: Any
+) -> Any:
+    """(namespace, Agent) -> the Agents that name it as fallback or escalation."""
+    refs = {(spec.get(k) or {}).get("agent") for k in ("fallback", "escalation")} - {None}
+    return {(_ns(namespace), ref): name for ref in refs} or None
 
 
 @kopf.index(GROUP, VERSION, "agents")
@@ -83,12 +129,12 @@ def shoal_workflows_by_ns(*, namespace: str | None, name: str, **_: Any) -> Any:
 
 @kopf.index("apps", "v1", "deployments", labels=CHILD_LABELS)
 def shoal_deployments(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
-    return {(_ns(namespace), name): _entry(body)}
+    return {(_ns(namespace), name): _child_entry(body)}
 
 
 @kopf.index("autoscaling", "v2", "horizontalpodautoscalers", labels=CHILD_LABELS)
 def shoal_hpas(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
-    return {(_ns(namespace), name): _entry(body)}
+    return {(_ns(namespace), name): _entry(body, spec=False)}
 
 
 # -- lifecycle --------------------------------------------------------------------------
@@ -128,6 +174,7 @@ async def _startup(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
         deployments=kwargs["shoal_deployments"],
         hpas=kwargs["shoal_hpas"],
         agents_by_ns=kwargs["shoal_agents_by_ns"],
+        agents_by_reference=kwargs["shoal_agents_by_reference"],
         policies_by_target=kwargs["shoal_policies_by_target"],
         workflows_by_ns=kwargs["shoal_workflows_by_ns"],
     )

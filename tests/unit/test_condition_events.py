@@ -72,10 +72,21 @@ def test_degraded_false_is_no_event() -> None:
 
 def test_degraded_with_other_reason_than_ready_is_two_events() -> None:
     new = conds(Cond("Ready", "False", "A", "a"), Cond("Degraded", "True", "B", "b"))
-    assert transition_events(None, new) == [
+    assert transition_events(conds(READY), new) == [
         EventSpec("Warning", "A", "a"),
         EventSpec("Warning", "B", "b"),
     ]
+
+
+def test_new_object_not_ready_yet_is_no_event() -> None:
+    # 1,000 Agents created at once must not post 1,000 warnings for rolling out.
+    new = conds(Cond("Ready", "False", "RolloutInProgress", "0/1"), HEALTHY)
+    assert transition_events(None, new) == []
+
+
+def test_new_object_degraded_is_one_warning() -> None:
+    new = conds(Cond("Ready", "False", "A", "a"), Cond("Degraded", "True", "B", "b"))
+    assert transition_events(None, new) == [EventSpec("Warning", "B", "b")]
 
 
 def test_no_conditions_no_events() -> None:

@@ -174,3 +174,29 @@ def test_the_sooner_of_two_timers_wins() -> None:
         q.close()
 
     asyncio.run(main())
+
+
+def test_event_keys_go_before_resync_keys() -> None:
+    async def main() -> None:
+        q: WorkQueue[str] = WorkQueue()
+        for key in ("r1", "r2", "r3"):
+            q.add(key, low=True)
+        q.add("edit")
+        q.add("r3")  # an event for a key already queued by the resync promotes it
+        assert await drain(q) == ["edit", "r3", "r1", "r2"]
+
+    asyncio.run(main())
+
+
+def test_dirty_key_keeps_the_higher_priority() -> None:
+    async def main() -> None:
+        q: WorkQueue[str] = WorkQueue()
+        q.add("a")
+        assert await q.get() == "a"
+        q.add("a")  # an event while active
+        q.add("a", low=True)  # then the resync
+        q.add("b", low=True)
+        q.done("a")
+        assert await drain(q) == ["a", "b"]
+
+    asyncio.run(main())
