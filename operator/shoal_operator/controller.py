@@ -162,19 +162,24 @@ class Controller:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.nats_ready.wait(), grace)
 
-    def enqueue_all(self, force: bool) -> None:
+    def _all_keys(self) -> list[Key]:
         if self.indexes is None:
-            return
-        for kind, index in (
-            ("Agent", self.indexes.agents),
-            ("ScalingPolicy", self.indexes.policies),
-            ("Workflow", self.indexes.workflows),
-        ):
-            for ns, name in list(index):
-                key = (kind, ns, name)
-                if force:
-                    self._force.add(key)
-                self.queue.add(key, low=True)
+            return []
+        return [
+            (kind, ns, name)
+            for kind, index in (
+                ("Agent", self.indexes.agents),
+                ("ScalingPolicy", self.indexes.policies),
+                ("Workflow", self.indexes.workflows),
+            )
+            for ns, name in list(index)
+        ]
+
+    def enqueue_all(self) -> None:
+        """Every object, forced and behind the event-driven work."""
+        for key in self._all_keys():
+            self._force.add(key)
+            self.queue.add(key, low=True)
 
     async def _worker(self) -> None:
         while True:
@@ -198,20 +203,25 @@ class Controller:
                 self.last_progress = time.monotonic()
 
     async def _resync(self) -> None:
-        """The drift check: every object is reconciled, children re-applied, periodically."""
+        """The drift check: every object reconciled and its children re-applied, spread
+        over the interval so it never floods the API server; all at once on taking over."""
+        was_leading = False
         while True:
-            await asyncio.sleep(self.config.drift_interval)
-            if self.indexes is None:
-                continue
-            for kind, index in (
-                ("Agent", self.indexes.agents),
-                ("ScalingPolicy", self.indexes.policies),
-                ("Workflow", self.indexes.workflows),
-            ):
-                for ns, name in list(index):
-                    key = (kind, ns, name)
-                    self._force.add(key)
-                    self.queue.add(key)
+            await self._in_charge()
+            if not was_leading:
+                was_leading = True
+                self.enqueue_all()  # the previous leader may have left work half done
+            keys = self._all_keys()
+            pause = self.config.drift_interval / max(1, len(keys))
+            for key in keys:
+                if self.leader is not None and not self.leader.is_leader():
+                    was_leading = False
+                    break
+                self._force.add(key)
+                self.queue.add(key, low=True)
+                await asyncio.sleep(pause)
+            if not keys:
+                await asyncio.sleep(self.config.drift_interval)
 
     # -- triggers (called from the kopf glue) ----------------------------------------
 
@@ -331,28 +341,29 @@ class Controller:
             except Exception as exc:  # an Event is best effort, never worth a retry
                 log.warning("posting event %s failed: %s", ev.reason, _api_reason(exc))
 
-    async def _finalize(
+    async def _release_if_deleted(
         self, kind: str, body: Mapping[str, Any], cleanup: Callable[[], Any] | None
     ) -> bool:
-        """Adds our finalizer, or runs cleanup and removes it. True: object is going away."""
+        """For an object being deleted: cleanup, then drop our finalizer. True if deleted."""
+        meta = body["metadata"]
+        if not meta.get("deletionTimestamp"):
+            return False
+        finalizers = list(meta.get("finalizers") or [])
+        if FINALIZER in finalizers:
+            if cleanup is not None:
+                await cleanup()
+            kept = [f for f in finalizers if f != FINALIZER]
+            await self.kube.merge_patch(
+                kind,
+                meta["namespace"],
+                meta["name"],
+                {"metadata": {"finalizers": kept, "resourceVersion": meta["resourceVersion"]}},
+            )
+        return True
+
+    async def _ensure_finalizer(self, kind: str, body: Mapping[str, Any]) -> None:
         meta = body["metadata"]
         finalizers = list(meta.get("finalizers") or [])
-        if meta.get("deletionTimestamp"):
-            if FINALIZER in finalizers:
-                if cleanup is not None:
-                    await cleanup()
-                await self.kube.merge_patch(
-                    kind,
-                    meta["namespace"],
-                    meta["name"],
-                    {
-                        "metadata": {
-                            "finalizers": [f for f in finalizers if f != FINALIZER],
-                            "resourceVersion": meta["resourceVersion"],
-                        }
-                    },
-                )
-            return True
         if FINALIZER not in finalizers:
             await self.kube.merge_patch(
                 kind,
@@ -365,7 +376,6 @@ class Controller:
                     }
                 },
             )
-        return False
 
     async def _invalid(self, kind: str, body: Mapping[str, Any], exc: ValidationError) -> None:
         message = validation_message(exc)
@@ -399,7 +409,7 @@ class Controller:
                 raise RuntimeError("NATS is not connected; JetStream cleanup must wait")
             await js.remove_agent(namespace, name)
 
-        if await self._finalize("Agent", body, cleanup):
+        if await self._release_if_deleted("Agent", body, cleanup):
             return
         try:
             spec = AgentSpec.model_validate(body["spec"])
@@ -417,37 +427,49 @@ class Controller:
         )
         plan = agent_rec.plan(owner, spec, observed, self.config.runtime, FIELD_MANAGER)
         problems: list[Problem] = []
-        deployment = observed.deployment
         if plan.handover is not None:
             await self.kube.apply(plan.handover, manager=HANDOVER_MANAGER)
-        for obj in plan.apply:
+
+        async def apply_child(obj: dict[str, Any]) -> dict[str, Any] | None:
             try:
                 if obj["kind"] == "Deployment":
-                    deployment = await self._apply(obj, deployment, force)
-                else:
-                    await self._apply(obj, None, force, watched=False)
+                    return await self._apply(obj, observed.deployment, force)
+                await self._apply(obj, None, force, watched=False)
             except ApiException as exc:
                 problems.append(Problem("ApplyFailed", f"{obj['kind']} {name}: {_api_reason(exc)}"))
-        for kind, child in plan.delete:
+            return None
+
+        async def delete_child(kind: str, child: str) -> None:
             existing = await self.kube.get(kind, namespace, child)
-            if existing and any(
-                r.get("uid") == meta["uid"] for r in existing["metadata"].get("ownerReferences", [])
-            ):
+            owners = (existing or {}).get("metadata", {}).get("ownerReferences", [])
+            if any(r.get("uid") == meta["uid"] for r in owners):
                 await self.kube.delete(kind, namespace, child)
-        outcome = agent_rec.AgentOutcome(problems=problems)
-        if js is None:
-            problems.append(Problem("JetStreamUnavailable", "not connected to NATS yet"))
-        else:
+
+        async def consumer() -> tuple[int, int] | None:
+            if js is None:
+                problems.append(Problem("JetStreamUnavailable", "not connected to NATS yet"))
+                return None
             try:
-                info = await js.ensure_consumer(plan.consumer)
-                pending, in_flight = queue_counts(info)
-                outcome = agent_rec.AgentOutcome(problems, pending, in_flight)
+                return queue_counts(await js.ensure_consumer(plan.consumer))
             except Exception as exc:
                 problems.append(
                     Problem(
                         "JetStreamUnavailable", f"consumer {plan.consumer['durable_name']}: {exc}"
                     )
                 )
+                return None
+
+        # Independent writes go out together: one round trip of latency, not five.
+        results = await asyncio.gather(
+            consumer(),
+            self._ensure_finalizer("Agent", body),
+            *(delete_child(kind, child) for kind, child in plan.delete),
+            *(apply_child(obj) for obj in plan.apply),
+        )
+        counts = results[0] if isinstance(results[0], tuple) else None
+        applied = [r for r in results[2 + len(plan.delete) :] if isinstance(r, Mapping)]
+        deployment = applied[0] if applied else observed.deployment
+        outcome = agent_rec.AgentOutcome(problems, *(counts or (None, None)))
         observed = agent_rec.AgentObserved(
             deployment, observed.agents, observed.scaled_by, observed.max_replicas
         )
