@@ -54,8 +54,27 @@ cluster-up: dev ## Start the local control plane + NATS (.cluster/kubeconfig, .c
 	$(PY) -m shoal_testbed up --dir $(CLUSTER_DIR)
 
 .PHONY: cluster-down
-cluster-down: ## Stop the local control plane and remove its state
+cluster-down: operator-down ## Stop the local control plane and remove its state
 	@test ! -d $(VENV) || $(PY) -m shoal_testbed down --dir $(CLUSTER_DIR)
+
+OPERATOR_PID := $(CLUSTER_DIR)/operator.pid
+OPERATOR_ENV = KUBECONFIG=$(KUBECONFIG_LOCAL) SHOAL_NATS_URL=$$(cat $(CLUSTER_DIR)/nats-url) \
+	SHOAL_OPERATOR_NAMESPACE=default
+
+.PHONY: operator-up
+operator-up: install-crds ## Run the operator in the background (log: .cluster/logs/operator.log)
+	@if test -f $(OPERATOR_PID) && grep -q shoal_operator /proc/$$(cat $(OPERATOR_PID))/cmdline 2>/dev/null; then \
+	  echo "[shoal] operator already running (pid $$(cat $(OPERATOR_PID)))"; \
+	else \
+	  $(OPERATOR_ENV) nohup $(PY) -m shoal_operator --liveness http://127.0.0.1:18080/healthz \
+	    > $(CLUSTER_DIR)/logs/operator.log 2>&1 & echo $$! > $(OPERATOR_PID); \
+	  echo "[shoal] operator started (pid $$(cat $(OPERATOR_PID)))"; \
+	fi
+
+.PHONY: operator-down
+operator-down:
+	@if test -f $(OPERATOR_PID) && grep -q shoal_operator /proc/$$(cat $(OPERATOR_PID))/cmdline 2>/dev/null; then \
+	  kill $$(cat $(OPERATOR_PID)); echo "[shoal] operator stopped"; fi; rm -f $(OPERATOR_PID)
 
 .PHONY: install-crds
 install-crds: cluster-up
@@ -64,19 +83,21 @@ install-crds: cluster-up
 
 .PHONY: run-operator
 run-operator: install-crds ## Run the operator in the foreground against the local cluster
-	KUBECONFIG=$(KUBECONFIG_LOCAL) SHOAL_NATS_URL=$$(cat $(CLUSTER_DIR)/nats-url) \
-	SHOAL_OPERATOR_NAMESPACE=default $(PY) -m shoal_operator --liveness http://127.0.0.1:8080/healthz
+	$(OPERATOR_ENV) $(PY) -m shoal_operator --liveness http://127.0.0.1:18080/healthz
 
 .PHONY: bench
 bench: dev ## Benchmarks (fresh local test beds); writes bench/results/*.json and *.md
 	$(PY) bench/operator_scale.py
 
 .PHONY: demo
-demo: install-crds ## Start the local cluster, install Shoal, apply the examples
+demo: operator-up ## Start the local cluster and the operator, apply the examples, show them Ready
 	$(KUBECTL) create namespace support --dry-run=client -o yaml | $(KUBECTL) apply -f -
-	$(KUBECTL) apply -n support -f examples/
-	$(KUBECTL) get shoal -n support
-	@echo "[shoal] the local cluster keeps running: KUBECONFIG=$(KUBECONFIG_LOCAL); 'make cluster-down' stops it"
+	$(KUBECTL) apply -n support -R -f examples/
+	$(KUBECTL) wait -n support --for=condition=Ready --timeout=90s agents --all
+	$(KUBECTL) wait -n support --for=condition=Ready --timeout=60s scalingpolicies --all
+	$(KUBECTL) wait -n support --for=condition=Ready --timeout=60s workflows --all
+	$(KUBECTL) get shoal,deployments,hpa -n support
+	@echo "[shoal] the local cluster and operator keep running: KUBECONFIG=$(KUBECONFIG_LOCAL); 'make cluster-down' stops both"
 
 .PHONY: test
 test: dev verify ## Set up everything and run the whole suite (unit + real API server + NATS)

@@ -50,9 +50,12 @@ class RetryLater(Exception):  # noqa: N818  (a signal, not an error)
 
 
 MAX_BACKOFF = 300.0
-# Queue counts change all the time under load; they reach status at most this often.
+# Counts change all the time under load; without a condition flip they reach status at
+# most this often (a status is a throttled mirror, not a live feed).
 STATUS_THROTTLE_SECONDS = 5.0
-THROTTLED_STATUS_KEYS = frozenset({"queue"})
+THROTTLED_STATUS_KEYS = frozenset(
+    {"queue", "replicas", "readyReplicas", "currentReplicas", "desiredReplicas", "lastScaleTime"}
+)
 
 
 class Index(Protocol):

@@ -38,6 +38,8 @@ def _controller() -> Controller | None:
 
 
 # -- the watch cache -------------------------------------------------------------------
+# Handlers are coroutines: kopf runs sync handlers in a thread pool, a thread hop per
+# watch event that costs CPU and memory (an allocator arena per thread) at scale.
 
 
 def _ns(namespace: str | None) -> str:
@@ -88,12 +90,12 @@ def _child_entry(body: kopf.Body) -> dict[str, Any]:
 
 
 @kopf.index(GROUP, VERSION, "agents")
-def shoal_agents(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+async def shoal_agents(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
     return {(_ns(namespace), name): _entry(body)}
 
 
 @kopf.index(GROUP, VERSION, "agents")
-def shoal_agents_by_reference(
+async def shoal_agents_by_reference(
     *, namespace: str | None, name: str, spec: kopf.Spec, **_: Any
 ) -> Any:
     """(namespace, Agent) -> the Agents that name it as fallback or escalation."""
@@ -102,38 +104,40 @@ def shoal_agents_by_reference(
 
 
 @kopf.index(GROUP, VERSION, "agents")
-def shoal_agents_by_ns(*, namespace: str | None, name: str, **_: Any) -> Any:
+async def shoal_agents_by_ns(*, namespace: str | None, name: str, **_: Any) -> Any:
     return {_ns(namespace): name}
 
 
 @kopf.index(GROUP, VERSION, "scalingpolicies")
-def shoal_policies(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+async def shoal_policies(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
     return {(_ns(namespace), name): _entry(body)}
 
 
 @kopf.index(GROUP, VERSION, "scalingpolicies")
-def shoal_policies_by_target(*, namespace: str | None, name: str, spec: kopf.Spec, **_: Any) -> Any:
+async def shoal_policies_by_target(
+    *, namespace: str | None, name: str, spec: kopf.Spec, **_: Any
+) -> Any:
     target = (spec.get("targetRef") or {}).get("name")
     return {(_ns(namespace), target): name} if target else None
 
 
 @kopf.index(GROUP, VERSION, "workflows")
-def shoal_workflows(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+async def shoal_workflows(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
     return {(_ns(namespace), name): _entry(body)}
 
 
 @kopf.index(GROUP, VERSION, "workflows")
-def shoal_workflows_by_ns(*, namespace: str | None, name: str, **_: Any) -> Any:
+async def shoal_workflows_by_ns(*, namespace: str | None, name: str, **_: Any) -> Any:
     return {_ns(namespace): name}
 
 
 @kopf.index("apps", "v1", "deployments", labels=CHILD_LABELS)
-def shoal_deployments(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+async def shoal_deployments(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
     return {(_ns(namespace), name): _child_entry(body)}
 
 
 @kopf.index("autoscaling", "v2", "horizontalpodautoscalers", labels=CHILD_LABELS)
-def shoal_hpas(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+async def shoal_hpas(*, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
     return {(_ns(namespace), name): _entry(body, spec=False)}
 
 
@@ -242,7 +246,7 @@ async def _cleanup(**_: Any) -> None:
 
 
 @kopf.on.probe(id="watch")
-def _watch_probe(**_: Any) -> str:
+async def _watch_probe(**_: Any) -> str:
     """Fails the liveness endpoint when the heartbeat Lease stops coming back."""
     hb: Heartbeat | None = STATE.get("heartbeat")
     if hb is None:
@@ -257,13 +261,15 @@ def _watch_probe(**_: Any) -> str:
 
 
 @kopf.on.event(GROUP, VERSION, "agents")
-def _agent_event(*, namespace: str | None, name: str, type: str, body: kopf.Body, **_: Any) -> None:
+async def _agent_event(
+    *, namespace: str | None, name: str, type: str, body: kopf.Body, **_: Any
+) -> None:
     if (ctl := _controller()) is not None:
         ctl.on_agent(_ns(namespace), name, None if type == "DELETED" else body)
 
 
 @kopf.on.event(GROUP, VERSION, "scalingpolicies")
-def _policy_event(
+async def _policy_event(
     *, namespace: str | None, name: str, type: str, body: kopf.Body, **_: Any
 ) -> None:
     if (ctl := _controller()) is not None:
@@ -271,25 +277,25 @@ def _policy_event(
 
 
 @kopf.on.event(GROUP, VERSION, "workflows")
-def _workflow_event(*, namespace: str | None, name: str, **_: Any) -> None:
+async def _workflow_event(*, namespace: str | None, name: str, **_: Any) -> None:
     if (ctl := _controller()) is not None:
         ctl.on_workflow(_ns(namespace), name)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS)
-def _deployment_event(*, namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
+async def _deployment_event(*, namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
     if (ctl := _controller()) is not None and (agent := labels.get(AGENT_LABEL)):
         ctl.on_deployment(_ns(namespace), agent)
 
 
 @kopf.on.event("autoscaling", "v2", "horizontalpodautoscalers", labels=CHILD_LABELS)
-def _hpa_event(*, namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
+async def _hpa_event(*, namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
     if (ctl := _controller()) is not None and (policy := labels.get(POLICY_LABEL)):
         ctl.queue.add(("ScalingPolicy", _ns(namespace), policy))
 
 
 @kopf.on.event("coordination.k8s.io", "v1", "leases", labels={HEARTBEAT_LABEL: "true"})
-def _heartbeat_event(*, name: str, **_: Any) -> None:
+async def _heartbeat_event(*, name: str, **_: Any) -> None:
     hb: Heartbeat | None = STATE.get("heartbeat")
     if hb is not None and name == hb.name:
         hb.seen()
