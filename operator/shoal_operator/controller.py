@@ -17,12 +17,13 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from shoal_api.agent import AgentSpec
+from shoal_api.base import ApiModel
 from shoal_api.scaling import ScalingPolicySpec
 from shoal_api.workflow import WorkflowSpec
 from shoal_operator.builders.common import Owner
@@ -41,6 +42,7 @@ from shoal_operator.workqueue import WorkQueue
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str, str]  # (kind, namespace, name)
+M = TypeVar("M", bound=ApiModel)
 # At start-up, reconciles wait this long for NATS before reporting it unavailable.
 NATS_GRACE_SECONDS = 10.0
 
@@ -380,6 +382,14 @@ class Controller:
                 },
             )
 
+    async def _parse(self, kind: str, body: Mapping[str, Any], model: type[M]) -> M | None:
+        """The spec parsed by the models, or None after reporting it InvalidSpec."""
+        try:
+            return model.model_validate(body["spec"])
+        except ValidationError as exc:
+            await self._invalid(kind, body, exc)
+            return None
+
     async def _invalid(self, kind: str, body: Mapping[str, Any], exc: ValidationError) -> None:
         message = validation_message(exc)
         gen = int(body["metadata"].get("generation", 0))
@@ -414,10 +424,8 @@ class Controller:
 
         if await self._release_if_deleted("Agent", body, cleanup):
             return
-        try:
-            spec = AgentSpec.model_validate(body["spec"])
-        except ValidationError as exc:
-            await self._invalid("Agent", body, exc)
+        spec = await self._parse("Agent", body, AgentSpec)
+        if spec is None:
             return
         meta = body["metadata"]
         owner = Owner("Agent", namespace, name, meta["uid"])
@@ -507,10 +515,8 @@ class Controller:
         body = Indexes.one(idx.policies, (namespace, name))
         if body is None:
             return
-        try:
-            spec = ScalingPolicySpec.model_validate(body["spec"])
-        except ValidationError as exc:
-            await self._invalid("ScalingPolicy", body, exc)
+        spec = await self._parse("ScalingPolicy", body, ScalingPolicySpec)
+        if spec is None:
             return
         meta = body["metadata"]
         owner = Owner("ScalingPolicy", namespace, name, meta["uid"])
@@ -554,10 +560,8 @@ class Controller:
         body = Indexes.one(idx.workflows, (namespace, name))
         if body is None:
             return
-        try:
-            spec = WorkflowSpec.model_validate(body["spec"])
-        except ValidationError as exc:
-            await self._invalid("Workflow", body, exc)
+        spec = await self._parse("Workflow", body, WorkflowSpec)
+        if spec is None:
             return
         capabilities = {}
         for agent in self._agents(namespace):

@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from shoal_testbed.fixtures import Testbed, eventually
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def example(kind: str) -> dict[str, Any]:
-    for path in sorted(EXAMPLES.glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc and doc["kind"] == kind:
-                out: dict[str, Any] = doc
-                return out
-    raise LookupError(kind)
+from tests.helpers import EXAMPLES, example
 
 
 def test_crds_are_established(testbed: Testbed, crds: list[str]) -> None:
@@ -78,7 +65,7 @@ def rejected(testbed: Testbed, namespace: str, obj: dict[str, Any]) -> str:
 def test_min_replicas_above_max_is_rejected(
     testbed: Testbed, crds: list[str], namespace: str
 ) -> None:
-    obj = copy.deepcopy(example("ScalingPolicy"))
+    obj = example("ScalingPolicy")
     obj["spec"].update(minReplicas=5, maxReplicas=2)
     err = rejected(testbed, namespace, obj)
     assert "spec.minReplicas" in err
@@ -88,7 +75,7 @@ def test_min_replicas_above_max_is_rejected(
 def test_duplicate_step_names_are_rejected(
     testbed: Testbed, crds: list[str], namespace: str
 ) -> None:
-    obj = copy.deepcopy(example("Workflow"))
+    obj = example("Workflow")
     obj["spec"]["steps"].append({"name": "classify", "agent": "triage"})
     err = rejected(testbed, namespace, obj)
     assert "spec.steps[4]" in err
@@ -99,7 +86,7 @@ def test_duplicate_step_names_are_rejected(
 def test_depends_on_unknown_step_is_rejected(
     testbed: Testbed, crds: list[str], namespace: str
 ) -> None:
-    obj = copy.deepcopy(example("Workflow"))
+    obj = example("Workflow")
     obj["spec"]["steps"][3]["dependsOn"] = ["classify", "nope"]
     err = rejected(testbed, namespace, obj)
     assert "spec.steps" in err
@@ -107,7 +94,7 @@ def test_depends_on_unknown_step_is_rejected(
 
 
 def test_self_dependency_is_rejected(testbed: Testbed, crds: list[str], namespace: str) -> None:
-    obj = copy.deepcopy(example("Workflow"))
+    obj = example("Workflow")
     obj["spec"]["steps"][1]["dependsOn"] = ["classify"]
     err = rejected(testbed, namespace, obj)
     assert "spec.steps[1].dependsOn" in err
@@ -118,7 +105,7 @@ def test_self_dependency_is_rejected(testbed: Testbed, crds: list[str], namespac
 def test_handler_needs_exactly_one_kind(
     testbed: Testbed, crds: list[str], namespace: str, which: str
 ) -> None:
-    obj = copy.deepcopy(example("Agent"))
+    obj = example("Agent")
     if which == "both":
         obj["spec"]["handler"]["llm"] = {"baseURL": "http://llm:8000/v1", "model": "m"}
     else:
@@ -131,7 +118,7 @@ def test_handler_needs_exactly_one_kind(
 def test_step_needs_exactly_one_of_agent_or_selector(
     testbed: Testbed, crds: list[str], namespace: str
 ) -> None:
-    obj = copy.deepcopy(example("Workflow"))
+    obj = example("Workflow")
     obj["spec"]["steps"][0]["agentSelector"] = {"capability": "auth"}
     err = rejected(testbed, namespace, obj)
     assert "spec.steps[0]" in err
@@ -141,7 +128,7 @@ def test_step_needs_exactly_one_of_agent_or_selector(
 def test_agent_cannot_fall_back_to_itself(
     testbed: Testbed, crds: list[str], namespace: str
 ) -> None:
-    obj = copy.deepcopy(example("Agent"))
+    obj = example("Agent")
     obj["spec"]["fallback"] = {"agent": obj["metadata"]["name"]}
     err = rejected(testbed, namespace, obj)
     assert "spec.fallback.agent" in err
@@ -160,7 +147,7 @@ def test_agent_cannot_fall_back_to_itself(
 def test_unknown_fields_are_rejected(
     testbed: Testbed, crds: list[str], namespace: str, kind: str, path: list[Any], field: str
 ) -> None:
-    obj = copy.deepcopy(example(kind))
+    obj = example(kind)
     node = obj
     for key in path:
         node = node[key]
@@ -194,7 +181,7 @@ def test_numbers_and_enums_in_range(
     value: Any,
     field: str,
 ) -> None:
-    obj = copy.deepcopy(example(kind))
+    obj = example(kind)
     node = obj
     for key in path[:-1]:
         node = node[key]

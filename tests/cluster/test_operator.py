@@ -4,41 +4,17 @@ references, bad input."""
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import time
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import nats
 import pytest
-import yaml
 
 from shoal_api import nats_layout as nl
 from shoal_testbed.fixtures import OperatorProcess, Testbed, eventually
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def example_docs() -> list[dict[str, Any]]:
-    docs: list[dict[str, Any]] = []
-    for path in sorted(EXAMPLES.glob("*.yaml")):
-        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
-    return docs
-
-
-def example(kind: str) -> dict[str, Any]:
-    return copy.deepcopy(next(d for d in example_docs() if d["kind"] == kind))
-
-
-def agent(name: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "shoal.dev/v1alpha1",
-        "kind": "Agent",
-        "metadata": {"name": name},
-        "spec": {"handler": {"python": "shoal_examples.echo:handle"}, **spec},
-    }
+from tests.helpers import agent, condition, example, example_docs, is_ready
 
 
 def js_request(url: str, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -60,19 +36,6 @@ def consumer(testbed: Testbed, ns: str, name: str) -> dict[str, Any] | None:
         testbed.nats_url, f"CONSUMER.INFO.{nl.TASKS_STREAM}.{nl.consumer_name(ns, name)}"
     )
     return None if "error" in info else info
-
-
-def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
-    for cond in ((obj or {}).get("status") or {}).get("conditions", []):
-        if cond["type"] == type_:
-            out: dict[str, Any] = cond
-            return out
-    return None
-
-
-def is_ready(testbed: Testbed, name: str, ns: str) -> bool:
-    cond = condition(testbed.get("agent", name, ns), "Ready")
-    return cond is not None and cond["status"] == "True"
 
 
 def reconciled(testbed: Testbed, kind: str, name: str, ns: str) -> dict[str, Any] | None:

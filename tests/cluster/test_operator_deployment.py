@@ -7,29 +7,9 @@ import json
 import subprocess
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 from shoal_testbed.fixtures import OperatorProcess, Testbed, eventually
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def agent(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "shoal.dev/v1alpha1",
-        "kind": "Agent",
-        "metadata": {"name": name},
-        "spec": {"handler": {"python": "shoal_examples.echo:handle"}},
-    }
-
-
-def ready(testbed: Testbed, name: str, ns: str) -> bool:
-    obj = testbed.get("agent", name, ns) or {}
-    return any(
-        c["type"] == "Ready" and c["status"] == "True"
-        for c in (obj.get("status") or {}).get("conditions", [])
-    )
+from tests.helpers import REPO, agent, is_ready
 
 
 def test_operator_works_with_exactly_its_cluster_role(
@@ -52,7 +32,7 @@ def test_operator_works_with_exactly_its_cluster_role(
             },
             namespace,
         )
-        eventually(lambda: ready(testbed, "limited", namespace), 60, what="Agent Ready")
+        eventually(lambda: is_ready(testbed, "limited", namespace), 60, what="Agent Ready")
         eventually(lambda: testbed.get("hpa", "limited", namespace), 30, what="HPA")
         events = json.loads(testbed.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)[
             "items"
@@ -83,7 +63,7 @@ def test_two_replicas_one_leader_and_a_takeover(
 ) -> None:
     first, second = spawn_operator(), spawn_operator()
     testbed.apply(agent("one"), namespace)
-    eventually(lambda: ready(testbed, "one", namespace), 60, what="one Ready")
+    eventually(lambda: is_ready(testbed, "one", namespace), 60, what="one Ready")
     holder = eventually(lambda: leader(testbed, namespace), 30, what="a leader")
     pids = {first.proc.pid: first, second.proc.pid: second}  # type: ignore[union-attr]
     active = next(op for pid, op in pids.items() if holder.endswith(f"-{pid}"))
@@ -96,7 +76,7 @@ def test_two_replicas_one_leader_and_a_takeover(
     active.wait()
     started = time.monotonic()
     testbed.apply(agent("two"), namespace)
-    eventually(lambda: ready(testbed, "two", namespace), 60, what="two Ready after takeover")
+    eventually(lambda: is_ready(testbed, "two", namespace), 60, what="two Ready after takeover")
     assert "became the leader" in standby.output()
     assert leader(testbed, namespace) != holder
     # Lease duration 15 s, renew every 5 s (half that while standing by).

@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from pydantic import ValidationError
 
 from shoal_api.agent import Agent, AgentSpec
 from shoal_api.base import ApiModel
 from shoal_api.scaling import ScalingPolicySpec
 from shoal_api.workflow import WorkflowSpec
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def docs() -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for path in sorted(EXAMPLES.glob("*.yaml")):
-        out.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
-    return out
-
+from tests.helpers import example_docs
 
 SPEC_MODELS: dict[str, type[ApiModel]] = {
     "Agent": AgentSpec,
@@ -32,7 +21,9 @@ SPEC_MODELS: dict[str, type[ApiModel]] = {
 }
 
 
-@pytest.mark.parametrize("doc", docs(), ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
+@pytest.mark.parametrize(
+    "doc", example_docs(recursive=True), ids=lambda d: f"{d['kind']}/{d['metadata']['name']}"
+)
 def test_examples_parse(doc: dict[str, Any]) -> None:
     SPEC_MODELS[doc["kind"]].model_validate(doc["spec"])
 
