@@ -50,3 +50,13 @@ def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
 def is_ready(testbed: Testbed, name: str, ns: str, kind: str = "agent") -> bool:
     cond = condition(testbed.get(kind, name, ns), "Ready")
     return cond is not None and cond["status"] == "True"
+
+
+def scaling_policy(name: str, target: str, max_replicas: int = 3) -> dict[str, Any]:
+    """A minimal ScalingPolicy manifest."""
+    return {
+        "apiVersion": "shoal.dev/v1alpha1",
+        "kind": "ScalingPolicy",
+        "metadata": {"name": name},
+        "spec": {"targetRef": {"name": target}, "maxReplicas": max_replicas},
+    }

@@ -14,7 +14,7 @@ import pytest
 
 from shoal_api import nats_layout as nl
 from shoal_testbed.fixtures import OperatorProcess, Testbed, eventually
-from tests.helpers import agent, condition, example, example_docs, is_ready
+from tests.helpers import agent, condition, example, example_docs, is_ready, scaling_policy
 
 
 def js_request(url: str, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -166,15 +166,7 @@ def test_references_recover_when_the_agent_appears(
     testbed: Testbed, operator: Any, namespace: str
 ) -> None:
     testbed.apply(agent("main", fallback={"agent": "backup"}), namespace)
-    testbed.apply(
-        {
-            "apiVersion": "shoal.dev/v1alpha1",
-            "kind": "ScalingPolicy",
-            "metadata": {"name": "scale-ghost"},
-            "spec": {"targetRef": {"name": "ghost"}, "maxReplicas": 3},
-        },
-        namespace,
-    )
+    testbed.apply(scaling_policy("scale-ghost", "ghost"), namespace)
     wf = example("Workflow")
     wf["spec"]["steps"] = [{"name": "only", "agent": "ghost", "input": {}}]
     wf["spec"].pop("output")

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from shoal_testbed.fixtures import OperatorProcess, Testbed, eventually
-from tests.helpers import REPO, agent, is_ready
+from tests.helpers import REPO, agent, is_ready, scaling_policy
 
 
 def test_operator_works_with_exactly_its_cluster_role(
@@ -23,15 +23,7 @@ def test_operator_works_with_exactly_its_cluster_role(
     try:
         op = spawn_operator(testbed.user_kubeconfig(user))
         testbed.apply(agent("limited"), namespace)
-        testbed.apply(
-            {
-                "apiVersion": "shoal.dev/v1alpha1",
-                "kind": "ScalingPolicy",
-                "metadata": {"name": "limited"},
-                "spec": {"targetRef": {"name": "limited"}, "maxReplicas": 2},
-            },
-            namespace,
-        )
+        testbed.apply(scaling_policy("limited", "limited", 2), namespace)
         eventually(lambda: is_ready(testbed, "limited", namespace), 60, what="Agent Ready")
         eventually(lambda: testbed.get("hpa", "limited", namespace), 30, what="HPA")
         events = json.loads(testbed.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)[
