@@ -98,7 +98,7 @@ class Indexes:
 @dataclass
 class ControllerConfig:
     runtime: RuntimeDefaults
-    workers: int = 16
+    workers: int = 32
     drift_interval: float = 60.0
 
 

@@ -167,7 +167,7 @@ async def _startup(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
         kube,
         ControllerConfig(
             runtime=runtime,
-            workers=int(os.environ.get("SHOAL_WORKERS", "16")),
+            workers=int(os.environ.get("SHOAL_WORKERS", "32")),
             drift_interval=float(os.environ.get("SHOAL_DRIFT_INTERVAL", "60")),
         ),
     )
