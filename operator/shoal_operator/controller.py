@@ -30,7 +30,7 @@ from shoal_operator.builders.common import Owner
 from shoal_operator.builders.deployment import RuntimeDefaults
 from shoal_operator.conditions import Cond, EventSpec, merge_conditions, transition_events
 from shoal_operator.jetstream_admin import JetStreamAdmin, queue_counts
-from shoal_operator.kube import Kube, is_status
+from shoal_operator.kube import Kube
 from shoal_operator.leader import LeaderElector
 from shoal_operator.reconcilers import agent as agent_rec
 from shoal_operator.reconcilers import scaling as scaling_rec
@@ -141,7 +141,6 @@ class Controller:
     _status_written: dict[Key, float] = field(default_factory=dict)
     nats_ready: asyncio.Event = field(default_factory=asyncio.Event)
     _started: float = 0.0
-    last_progress: float = field(default_factory=time.monotonic)
     clock: Callable[[], str] = now_rfc3339
 
     # -- lifecycle -------------------------------------------------------------------
@@ -205,7 +204,6 @@ class Controller:
                 self.queue.add_after(key, delay)
             finally:
                 self.queue.done(key)
-                self.last_progress = time.monotonic()
 
     async def _resync(self) -> None:
         """The drift check: every object reconciled and its children re-applied, spread
@@ -585,7 +583,3 @@ def _version(obj: Mapping[str, Any] | None) -> str:
     meta = obj.get("metadata", {})
     gen = meta.get("generation")
     return f"g{gen}" if gen is not None else f"r{meta.get('resourceVersion', '')}"
-
-
-def is_conflict(exc: BaseException) -> bool:
-    return is_status(exc, 409)

@@ -29,7 +29,6 @@ class Heartbeat:
     tolerance: int = 6
     """Missed intervals before the watch counts as stalled."""
     last_seen: float = field(default_factory=time.monotonic)
-    renewals: int = 0
 
     def seen(self) -> None:
         self.last_seen = time.monotonic()
@@ -60,7 +59,6 @@ class Heartbeat:
         while True:
             try:
                 await kube.apply(self.lease())
-                self.renewals += 1
             except Exception as exc:
                 log.warning("heartbeat lease renewal failed: %s", exc)
             await asyncio.sleep(self.interval)

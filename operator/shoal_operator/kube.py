@@ -19,7 +19,6 @@ from shoal_api.base import GROUP, VERSION
 from shoal_operator.settings import FIELD_MANAGER
 
 NotFound = 404
-Conflict = 409
 
 
 @dataclass(frozen=True)
