@@ -322,7 +322,8 @@ def markdown(n: int, base: dict[str, Any], shoal: dict[str, Any]) -> str:
     ]
     out = [
         f"Operator at scale: {n} Agents + {n} ScalingPolicies, local control plane "
-        "(2 cores). Baseline: the same Deployments + HPAs created directly, no operator.",
+        "(2 cores). Baseline: the same ServiceAccounts, Deployments and HPAs created "
+        "directly, no operator.",
         "",
         "| measure | baseline | Shoal | ratio | goal |",
         "| --- | --- | --- | --- | --- |",
