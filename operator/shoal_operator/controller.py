@@ -47,11 +47,13 @@ M = TypeVar("M", bound=ApiModel)
 NATS_GRACE_SECONDS = 10.0
 
 
+MAX_BACKOFF = 300.0
+
+
 class RetryLater(Exception):  # noqa: N818  (a signal, not an error)
     """The reconcile did what it could; run it again with backoff (no traceback)."""
 
 
-MAX_BACKOFF = 300.0
 # Counts change all the time under load; without a condition flip they reach status at
 # most this often (a status is a throttled mirror, not a live feed).
 STATUS_THROTTLE_SECONDS = 5.0
@@ -194,13 +196,18 @@ class Controller:
                 self._failures.pop(key, None)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 n = self._failures.get(key, 0) + 1
                 self._failures[key] = n
                 delay = min(MAX_BACKOFF, 0.5 * 2**n)
-                log.exception(
-                    "reconcile %s/%s/%s failed (attempt %d); retrying in %.0fs", *key, n, delay
-                )
+                if isinstance(exc, RetryLater | ApiException):
+                    log.warning(
+                        "reconcile %s/%s/%s: %s; retrying in %.0fs", *key, _api_reason(exc), delay
+                    )
+                else:
+                    log.exception(
+                        "reconcile %s/%s/%s failed (attempt %d); retrying in %.0fs", *key, n, delay
+                    )
                 self.queue.add_after(key, delay)
             finally:
                 self.queue.done(key)
@@ -212,19 +219,22 @@ class Controller:
         while True:
             await self._in_charge()
             if not was_leading:
+                # Taking over: the previous leader may have left work half done.
                 was_leading = True
-                self.enqueue_all()  # the previous leader may have left work half done
-            keys = self._all_keys()
+                self.enqueue_all()
+                keys: list[Key] = []
+            else:
+                keys = self._all_keys()
             pause = self.config.drift_interval / max(1, len(keys))
             for key in keys:
                 if self.leader is not None and not self.leader.is_leader():
-                    was_leading = False
                     break
                 self._force.add(key)
                 self.queue.add(key, low=True)
                 await asyncio.sleep(pause)
             if not keys:
                 await asyncio.sleep(self.config.drift_interval)
+            was_leading = self.leader is None or self.leader.is_leader()
 
     # -- triggers (called from the kopf glue) ----------------------------------------
 
@@ -344,6 +354,11 @@ class Controller:
             except Exception as exc:  # an Event is best effort, never worth a retry
                 log.warning("posting event %s failed: %s", ev.reason, _api_reason(exc))
 
+    async def _set_finalizers(self, kind: str, meta: Mapping[str, Any], new: list[str]) -> None:
+        """Writes metadata.finalizers, failing (409) if the object changed meanwhile."""
+        patch = {"metadata": {"finalizers": new, "resourceVersion": meta["resourceVersion"]}}
+        await self.kube.merge_patch(kind, meta["namespace"], meta["name"], patch)
+
     async def _release_if_deleted(
         self, kind: str, body: Mapping[str, Any], cleanup: Callable[[], Any] | None
     ) -> bool:
@@ -355,30 +370,14 @@ class Controller:
         if FINALIZER in finalizers:
             if cleanup is not None:
                 await cleanup()
-            kept = [f for f in finalizers if f != FINALIZER]
-            await self.kube.merge_patch(
-                kind,
-                meta["namespace"],
-                meta["name"],
-                {"metadata": {"finalizers": kept, "resourceVersion": meta["resourceVersion"]}},
-            )
+            await self._set_finalizers(kind, meta, [f for f in finalizers if f != FINALIZER])
         return True
 
     async def _ensure_finalizer(self, kind: str, body: Mapping[str, Any]) -> None:
         meta = body["metadata"]
         finalizers = list(meta.get("finalizers") or [])
         if FINALIZER not in finalizers:
-            await self.kube.merge_patch(
-                kind,
-                meta["namespace"],
-                meta["name"],
-                {
-                    "metadata": {
-                        "finalizers": [*finalizers, FINALIZER],
-                        "resourceVersion": meta["resourceVersion"],
-                    }
-                },
-            )
+            await self._set_finalizers(kind, meta, [*finalizers, FINALIZER])
 
     async def _parse(self, kind: str, body: Mapping[str, Any], model: type[M]) -> M | None:
         """The spec parsed by the models, or None after reporting it InvalidSpec."""

@@ -167,8 +167,10 @@ async def _startup(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
         kube,
         ControllerConfig(
             runtime=runtime,
-            workers=int(os.environ.get("SHOAL_WORKERS", "32")),
-            drift_interval=float(os.environ.get("SHOAL_DRIFT_INTERVAL", "60")),
+            workers=int(os.environ.get("SHOAL_WORKERS", ControllerConfig.workers)),
+            drift_interval=float(
+                os.environ.get("SHOAL_DRIFT_INTERVAL", ControllerConfig.drift_interval)
+            ),
         ),
     )
     ctl.indexes = Indexes(

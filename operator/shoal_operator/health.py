@@ -9,12 +9,11 @@ the pod instead of leaving a silent operator in charge.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import time
 from dataclasses import dataclass, field
 
-from shoal_operator.kube import Kube
+from shoal_operator.kube import Kube, micro_time
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,6 @@ class Heartbeat:
         return silent if silent > self.interval * self.tolerance else None
 
     def lease(self) -> dict[str, object]:
-        renew = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         return {
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
@@ -50,7 +48,7 @@ class Heartbeat:
             },
             "spec": {
                 "holderIdentity": self.name,
-                "renewTime": renew,
+                "renewTime": micro_time(),
                 "leaseDurationSeconds": int(self.interval * self.tolerance),
             },
         }

@@ -51,6 +51,11 @@ RESOURCES: dict[str, Resource] = {
 }
 
 
+def micro_time() -> str:
+    """Now as a metav1.MicroTime (Lease renewTime, Event eventTime)."""
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def is_status(exc: BaseException, code: int) -> bool:
     return isinstance(exc, ApiException) and exc.status == code
 
@@ -152,7 +157,7 @@ class Kube:
     async def event(self, regarding: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """A core/v1 Event on an object (what `kubectl describe` shows)."""
         meta = regarding["metadata"]
-        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        now = micro_time()
         body = {
             "apiVersion": "v1",
             "kind": "Event",

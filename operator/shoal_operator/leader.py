@@ -8,19 +8,14 @@ measured on the standby's own clock (no trust in clock sync between nodes).
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from shoal_operator.kube import Kube, is_status
+from shoal_operator.kube import Kube, is_status, micro_time
 
 log = logging.getLogger(__name__)
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass
@@ -46,7 +41,7 @@ class LeaderElector:
                 "holderIdentity": self.identity,
                 "leaseDurationSeconds": int(self.lease_seconds),
                 "acquireTime": acquired,
-                "renewTime": _now(),
+                "renewTime": micro_time(),
                 "leaseTransitions": transitions,
             },
         }
@@ -54,7 +49,7 @@ class LeaderElector:
     async def try_acquire_or_renew(self) -> bool:
         current = await self.kube.get("Lease", self.namespace, self.name)
         if current is None:
-            body = self._lease(0, _now())
+            body = self._lease(0, micro_time())
             try:
                 await self.kube.create("Lease", self.namespace, body)
             except Exception as exc:
@@ -73,9 +68,9 @@ class LeaderElector:
         if holder not in (self.identity, None, "") and not expired:
             return False
         transitions = int(spec.get("leaseTransitions", 0))
-        acquired = spec.get("acquireTime") or _now()
+        acquired = spec.get("acquireTime") or micro_time()
         if holder != self.identity:
-            transitions, acquired = transitions + 1, _now()
+            transitions, acquired = transitions + 1, micro_time()
         body = self._lease(transitions, acquired)
         body["metadata"]["resourceVersion"] = rv  # optimistic: lose the race, not the lease
         try:
