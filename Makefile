@@ -87,7 +87,11 @@ run-operator: install-crds ## Run the operator in the foreground against the loc
 
 .PHONY: bench
 bench: dev ## Benchmarks (fresh local test beds); writes bench/results/*.json and *.md
+	@echo "[shoal] installing the benchmark extras (Celery, redis-py) and redis-server"
+	@$(PY) -m pip install --quiet -e '.[dev,bench]'
+	@bash hack/install-redis.sh >/dev/null
 	$(PY) bench/operator_scale.py
+	$(PY) bench/runtime_throughput.py
 
 .PHONY: demo
 demo: operator-up ## Start the local cluster and the operator, apply the examples, show them Ready

@@ -149,6 +149,15 @@ class Retry(ApiModel):
     backoff: Backoff = Field(default_factory=Backoff)
     """Delays between attempts."""
 
+    def delays(self) -> list[float]:
+        """Delay before attempt 2, 3, ... (capped exponential); one per attempt, so the
+        consumer's redelivery schedule and the runtime's naks agree."""
+        b = self.backoff
+        return [
+            min(b.initial_seconds * b.multiplier**i, b.max_seconds)
+            for i in range(self.max_attempts)
+        ]
+
 
 class RateLimit(ApiModel):
     """Limits per Agent, shared by all its replicas."""

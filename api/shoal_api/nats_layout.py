@@ -64,3 +64,14 @@ def consumer_name(namespace: str, agent: str) -> str:
 def agent_key(namespace: str, agent: str) -> str:
     """The KV key of an Agent's entry (circuit state, usage); a prefix for its cache."""
     return f"{namespace}.{agent}"
+
+
+def cache_key(namespace: str, agent: str, digest: str) -> str:
+    """A cached result: below the Agent's key, so removing the Agent purges it."""
+    return f"{namespace}.{agent}.{digest}"
+
+
+def limiter_key(namespace: str, agent: str, kind: str) -> str:
+    """A shared rate-limit window (``tasks`` per second, ``tokens`` per minute) in the
+    usage bucket."""
+    return f"{namespace}.{agent}.{kind}"

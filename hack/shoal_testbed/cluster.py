@@ -2,8 +2,10 @@
 
 etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok (playing the
 kubelet of fake nodes) and nats-server run as background processes whose state lives
-in one directory. ``up`` is idempotent; ``down`` stops exactly the processes recorded
-there (checked against their command line) and removes the state.
+in one directory. So does, unless ``up(kubelet=False)``, a test-bed stand-in for a kubelet
+(``shoal_testbed.kubelet``, not part of Shoal) that runs each Agent pod as a local
+``python -m shoal_runtime`` process. ``up`` is idempotent; ``down`` stops exactly the
+processes recorded there (checked against their command line) and removes the state.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from shoal_testbed import kubelet as standin
 from shoal_testbed import pki
 from shoal_testbed.binaries import control_plane_bin, nats_server_bin
 
@@ -40,6 +44,11 @@ COMPONENTS = (
     "kube-scheduler",
     "kwok",
 )
+# The kubelet stand-in is managed apart from COMPONENTS: it is optional, and it is
+# stopped first, while NATS and the API server are still there for its pods to drain.
+KUBELET = "kubelet"
+# down() does not wait out a pod's whole grace period (Agents get timeout + 30 s).
+KUBELET_STOP_GRACE = 20.0
 
 
 class TestbedError(RuntimeError):
@@ -102,6 +111,7 @@ class LocalCluster:
         self.kubeconfig = self.dir / "kubeconfig"
         self.nats_url_file = self.dir / "nats-url"
         self.state_file = self.dir / "state.json"
+        self.standin_status = self.dir / standin.STATUS_FILE
 
     # -- public surface --------------------------------------------------------------
 
@@ -115,6 +125,10 @@ class LocalCluster:
 
     def is_up(self) -> bool:
         """All recorded processes alive and the API server ready."""
+        kubelet_ok = not (self.pids / f"{KUBELET}.pid").exists() or self._pid(KUBELET) is not None
+        return kubelet_ok and self._core_up()
+
+    def _core_up(self) -> bool:
         if not self.state_file.exists():
             return False
         if any(self._pid(c) is None for c in COMPONENTS):
@@ -124,8 +138,11 @@ class LocalCluster:
         except Exception:
             return False
 
-    def up(self, timeout: float = 120.0) -> None:
-        if self.is_up():
+    def up(self, timeout: float = 120.0, kubelet: bool = True) -> None:
+        """Starts what is not running. ``kubelet=False`` leaves pods unrun (kwok alone),
+        and stops a stand-in an earlier ``up`` started."""
+        if self._core_up():
+            self._converge_kubelet(kubelet, timeout)
             log(f"test bed already running ({self.kubeconfig})")
             return
         if self.state_file.exists():
@@ -164,17 +181,19 @@ class LocalCluster:
                 timeout,
                 self.logs / "kube-controller-manager.log",
             )
+            self.nats_url_file.write_text(f"nats://127.0.0.1:{ep.nats_port}\n")
+            self._converge_kubelet(kubelet, timeout)
         except BaseException:
             log("test bed failed to start; logs are in " + str(self.logs))
             self.down(keep_logs=True)
             raise
-        self.nats_url_file.write_text(f"nats://127.0.0.1:{ep.nats_port}\n")
         log(
             f"test bed up in {time.monotonic() - started:.1f}s: "
             f"kubeconfig {self.kubeconfig}, NATS {self.nats_url}"
         )
 
     def down(self, keep_logs: bool = False) -> None:
+        self._stop_kubelet()
         for component in reversed(COMPONENTS):
             pid = self._pid(component)
             if pid is not None:
@@ -200,7 +219,54 @@ class LocalCluster:
         self._write_kubeconfig(path, pair, self.endpoints, user=user)
         return path
 
+    def standin_pods(self) -> dict[str, dict[str, Any]]:
+        """The pods the kubelet stand-in runs now: ``ns/pod`` -> pid, ports, restarts."""
+        return standin.read_status(self.dir)
+
     # -- processes -------------------------------------------------------------------
+
+    def _converge_kubelet(self, wanted: bool, timeout: float) -> None:
+        running = self._pid(KUBELET) is not None
+        if not wanted:
+            if running:
+                self._stop_kubelet()
+            return
+        if running:
+            return
+        self._stop_kubelet()  # children of a stand-in that died
+        self.standin_status.unlink(missing_ok=True)
+        self._spawn(
+            KUBELET,
+            [
+                sys.executable,
+                "-m",
+                "shoal_testbed",
+                "kubelet",
+                f"--kubeconfig={self.kubeconfig}",
+                f"--state-dir={self.dir}",
+            ],
+        )
+        # It writes its status file once it has listed the pods, i.e. once it is useful.
+        wait_for(
+            "the kubelet stand-in to list pods",
+            lambda: self._pid(KUBELET) is not None and self.standin_status.exists(),
+            timeout,
+            self.logs / f"{KUBELET}.log",
+        )
+
+    def _stop_kubelet(self) -> None:
+        """SIGTERM to the stand-in alone, so that it drains its pods' processes in order;
+        then SIGKILL to its process group and to any child it left (found by their env)."""
+        pid = self._pid(KUBELET)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            if not _wait_gone(pid, KUBELET_STOP_GRACE):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+        (self.pids / f"{KUBELET}.pid").unlink(missing_ok=True)
+        if self.dir.exists():
+            standin.kill_children(self.dir)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         logf = (self.logs / f"{name}.log").open("ab")
@@ -492,22 +558,27 @@ class LocalCluster:
             return bool(resp.status == 200)
 
 
-def _terminate(pid: int, grace: float = 10.0) -> None:
-    """SIGTERM the component's process group, then SIGKILL what is left."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
+def _wait_gone(pid: int, grace: float) -> bool:
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return
+            return True
         # Reap it if it is our child (the pytest fixture starts it in-process).
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
         time.sleep(0.1)
+    return False
+
+
+def _terminate(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM the component's process group, then SIGKILL what is left."""
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
+        os.killpg(pid, signal.SIGTERM)
+    if not _wait_gone(pid, grace):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager

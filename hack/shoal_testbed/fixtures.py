@@ -126,21 +126,66 @@ class Testbed:
             raise RuntimeError("user identities need the local test bed (its CA)")
         return self.local.user_kubeconfig(user, groups)
 
+    def standin_pods(self) -> dict[str, dict[str, Any]]:
+        """The pods the session's kubelet stand-in runs as processes: ``ns/pod`` -> pid,
+        health_port, metrics_port, restarts, log (see ``shoal_testbed.kubelet``)."""
+        if self.local is None:
+            raise RuntimeError("the kubelet stand-in runs on the local test bed only")
+        return self.local.standin_pods()
+
+
+class NatsServer:
+    """A private nats-server with JetStream on file storage that a test can stop and
+    restart on the same port and store (to prove nothing is lost across restarts)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._proc = subprocess.Popen(
+            [
+                str(nats_server_bin()),
+                *("-a", "127.0.0.1", "-p", str(self.port)),
+                *("-js", "-sd", str(self.directory)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for("nats-server", lambda: _port_open(self.port), 30)
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(10)
+            self._proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
 
 @contextlib.contextmanager
 def _standalone_nats(directory: Path) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(nats_server_bin()), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(directory)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = NatsServer(directory)
+    server.start()
     try:
-        wait_for("nats-server", lambda: _port_open(port), 30)
-        yield f"nats://127.0.0.1:{port}"
+        yield server.url
     finally:
-        proc.terminate()
-        proc.wait(10)
+        server.stop()
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server of this test's own (JetStream, file storage), no Kubernetes."""
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def _port_open(port: int) -> bool:

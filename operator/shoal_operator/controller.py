@@ -16,14 +16,16 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from shoal_api import nats_layout as nl
 from shoal_api.agent import AgentSpec
 from shoal_api.base import ApiModel
+from shoal_api.runtime_state import CircuitRecord, UsageRecord
 from shoal_api.scaling import ScalingPolicySpec
 from shoal_api.workflow import WorkflowSpec
 from shoal_operator.builders.common import Owner
@@ -58,7 +60,15 @@ class RetryLater(Exception):  # noqa: N818  (a signal, not an error)
 # most this often (a status is a throttled mirror, not a live feed).
 STATUS_THROTTLE_SECONDS = 5.0
 THROTTLED_STATUS_KEYS = frozenset(
-    {"queue", "replicas", "readyReplicas", "currentReplicas", "desiredReplicas", "lastScaleTime"}
+    {
+        "queue",
+        "usage",
+        "replicas",
+        "readyReplicas",
+        "currentReplicas",
+        "desiredReplicas",
+        "lastScaleTime",
+    }
 )
 
 
@@ -141,6 +151,8 @@ class Controller:
     _agent_generation: dict[tuple[str, str], Any] = field(default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _status_written: dict[Key, float] = field(default_factory=dict)
+    # key -> (resourceVersion our last status write patched, the status it wrote)
+    _status_pending: dict[Key, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     nats_ready: asyncio.Event = field(default_factory=asyncio.Event)
     _started: float = 0.0
     clock: Callable[[], str] = now_rfc3339
@@ -152,6 +164,9 @@ class Controller:
         for i in range(self.config.workers):
             self._tasks.append(asyncio.create_task(self._worker(), name=f"shoal-worker-{i}"))
         self._tasks.append(asyncio.create_task(self._resync(), name="shoal-resync"))
+        self._tasks.append(
+            asyncio.create_task(self._watch_runtime_state(), name="shoal-runtime-state")
+        )
 
     async def stop(self) -> None:
         self.queue.close()
@@ -283,6 +298,42 @@ class Controller:
     def on_workflow(self, namespace: str, name: str) -> None:
         self.queue.add(("Workflow", namespace, name))
 
+    def on_circuit(self, namespace: str, agent: str, replay: bool) -> None:
+        """A runtime wrote the Agent's circuit record (``replay``: the watch (re)started and
+        reports the records that exist, a catch-up that goes behind user edits)."""
+        if self._watched_agent(namespace, agent):
+            self.queue.add(("Agent", namespace, agent), low=replay)
+
+    def on_usage(self, namespace: str, agent: str, replay: bool) -> None:
+        """A runtime merged the Agent's usage. Every replica merges about once a second
+        and status.usage is throttled anyway: within the throttle interval of the last
+        status write, the Agent is queued for when it ends (one reconcile, not five)."""
+        if not self._watched_agent(namespace, agent):
+            return
+        key = ("Agent", namespace, agent)
+        wait = self._status_written.get(key, 0.0) + STATUS_THROTTLE_SECONDS - time.monotonic()
+        if replay:
+            self.queue.add(key, low=True)
+        elif wait > 0:
+            self.queue.add_after(key, wait)
+        else:
+            self.queue.add(key)
+
+    def _watched_agent(self, namespace: str, agent: str) -> bool:
+        # The buckets hold every namespace's Agents; this operator may watch fewer.
+        return self.indexes is None or bool(self.indexes.agents.get((namespace, agent)))
+
+    async def _watch_runtime_state(self) -> None:
+        """The circuit and usage mirrors are event-driven: a KV write queues its Agent."""
+        await self.nats_ready.wait()
+        js = self.nats
+        if js is None:
+            return
+        await asyncio.gather(
+            js.watch_agents(nl.CIRCUIT_BUCKET, self.on_circuit),
+            js.watch_agents(nl.USAGE_BUCKET, self.on_usage),
+        )
+
     # -- reconcile -------------------------------------------------------------------
 
     async def reconcile(self, key: Key) -> None:
@@ -334,9 +385,9 @@ class Controller:
         status: dict[str, Any],
         events: Iterable[EventSpec],
     ) -> None:
-        current = body.get("status") or {}
         meta = body["metadata"]
         key = (kind, meta["namespace"], meta["name"])
+        current = self._current_status(kind, body)
         changed = {k for k, v in status.items() if current.get(k) != v}
         if changed and changed <= THROTTLED_STATUS_KEYS:
             wait = self._status_written.get(key, 0.0) + STATUS_THROTTLE_SECONDS - time.monotonic()
@@ -348,11 +399,27 @@ class Controller:
                 kind, meta["namespace"], meta["name"], {"status": status}, sub="status"
             )
             self._status_written[key] = time.monotonic()
+            self._status_pending[key] = (str(meta.get("resourceVersion", "")), status)
         for ev in events:
             try:
                 await self.kube.event(dict(body), ev.type, ev.reason, ev.message)
             except Exception as exc:  # an Event is best effort, never worth a retry
                 log.warning("posting event %s failed: %s", ev.reason, _api_reason(exc))
+
+    def _current_status(self, kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """The object's status, including our last write while the watch cache has not
+        caught up with it: a reconcile in between (a KV update, a child event) then sees
+        the transition as done, and posts its Event once, not twice."""
+        meta = body["metadata"]
+        key = (kind, meta["namespace"], meta["name"])
+        status: dict[str, Any] = body.get("status") or {}
+        pending = self._status_pending.get(key)
+        if pending is None:
+            return status
+        if pending[0] == str(meta.get("resourceVersion", "")):
+            return {**status, **pending[1]}
+        del self._status_pending[key]
+        return status
 
     async def _set_finalizers(self, kind: str, meta: Mapping[str, Any], new: list[str]) -> None:
         """Writes metadata.finalizers, failing (409) if the object changed meanwhile."""
@@ -390,7 +457,7 @@ class Controller:
     async def _invalid(self, kind: str, body: Mapping[str, Any], exc: ValidationError) -> None:
         message = validation_message(exc)
         gen = int(body["metadata"].get("generation", 0))
-        current = body.get("status") or {}
+        current = self._current_status(kind, body)
         conds = merge_conditions(
             current.get("conditions"),
             [
@@ -453,6 +520,19 @@ class Controller:
             if any(r.get("uid") == meta["uid"] for r in owners):
                 await self.kube.delete(kind, namespace, child)
 
+        async def records() -> tuple[CircuitRecord | None, UsageRecord | None]:
+            if js is None:
+                return None, None
+            try:
+                circuit, usage = await asyncio.gather(
+                    js.circuit_record(namespace, name), js.usage_record(namespace, name)
+                )
+            except Exception as exc:
+                # The status keeps the last mirrored values; the consumer reports NATS.
+                log.debug("reading runtime state of %s/%s: %s", namespace, name, exc)
+                return None, None
+            return circuit, usage
+
         async def consumer() -> tuple[int, int] | None:
             if js is None:
                 problems.append(Problem("JetStreamUnavailable", "not connected to NATS yet"))
@@ -468,27 +548,29 @@ class Controller:
                 return None
 
         # Independent writes go out together: one round trip of latency, not five.
-        results = await asyncio.gather(
-            consumer(),
-            self._ensure_finalizer("Agent", body),
-            *(delete_child(kind, child) for kind, child in plan.delete),
-            *(apply_child(obj) for obj in plan.apply),
+        state, results = await asyncio.gather(
+            records(),
+            asyncio.gather(
+                consumer(),
+                self._ensure_finalizer("Agent", body),
+                *(delete_child(kind, child) for kind, child in plan.delete),
+                *(apply_child(obj) for obj in plan.apply),
+            ),
         )
         counts = results[0] if isinstance(results[0], tuple) else None
         applied = [r for r in results[2 + len(plan.delete) :] if isinstance(r, Mapping)]
         deployment = applied[0] if applied else observed.deployment
         outcome = agent_rec.AgentOutcome(problems, *(counts or (None, None)))
-        observed = agent_rec.AgentObserved(
-            deployment, observed.agents, observed.scaled_by, observed.max_replicas
-        )
+        observed = replace(observed, deployment=deployment, circuit=state[0], usage=state[1])
         status, events = agent_rec.status(
             int(meta.get("generation", 0)),
             namespace,
             spec,
             observed,
             outcome,
-            body.get("status") or {},
+            self._current_status("Agent", body),
             self.clock(),
+            unix_now=time.time(),
         )
         await self._write_status("Agent", body, status, events)
         if any(p.reason == "JetStreamUnavailable" for p in problems):
@@ -547,7 +629,7 @@ class Controller:
             observed,
             plan,
             problems,
-            body.get("status") or {},
+            self._current_status("ScalingPolicy", body),
             self.clock(),
         )
         await self._write_status("ScalingPolicy", body, status, events)
@@ -569,7 +651,7 @@ class Controller:
             namespace,
             spec,
             capabilities,
-            body.get("status") or {},
+            self._current_status("Workflow", body),
             self.clock(),
         )
         await self._write_status("Workflow", body, status, events)

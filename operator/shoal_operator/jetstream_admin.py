@@ -1,4 +1,5 @@
-"""The operator's JetStream administration: streams, buckets, per-Agent consumers.
+"""The operator's JetStream administration: streams, buckets, per-Agent consumers, and
+reading and watching the runtimes' shared state (circuit breaker, usage).
 
 Requests go to the JetStream API subjects with the builders' wire-form configs, so what
 is compared is exactly what the server stores.
@@ -6,16 +7,21 @@ is compared is exactly what the server stores.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import nats
 from nats.aio.client import Client
-from nats.js.errors import NotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+from pydantic import ValidationError
 
 from shoal_api import nats_layout as nl
+from shoal_api.runtime_state import CircuitRecord, StateModel, UsageRecord
 from shoal_operator.builders import jetstream
 
 log = logging.getLogger(__name__)
@@ -23,6 +29,13 @@ log = logging.getLogger(__name__)
 API = "$JS.API"
 CONSUMER_NOT_FOUND = 10014
 STREAM_NOT_FOUND = 10059
+# Exactly ``<ns>.<agent>``: the Agent's own record, not the limiter windows or cache
+# entries below it, which change far more often and mean nothing to the status.
+AGENT_KEYS = "*.*"
+WATCH_BACKOFF = (1.0, 30.0)
+
+R = TypeVar("R", bound=StateModel)
+AgentCallback = Callable[[str, str, bool], None]
 
 
 class JetStreamError(RuntimeError):
@@ -40,17 +53,37 @@ class JetStreamAdmin:
     def __init__(self, nc: Client) -> None:
         self.nc = nc
         self.js = nc.jetstream()
+        self._buckets: dict[str, KeyValue] = {}
+        # Set (and replaced) on every reconnect; each watch waits on the one current when
+        # it started, so all of them see the same reconnect.
+        self._reconnected = asyncio.Event()
+        # (bucket, key) -> revision already reported malformed: one warning, not one per
+        # reconcile.
+        self._malformed: dict[tuple[str, str], int] = {}
 
     @classmethod
     async def connect(cls, url: str) -> JetStreamAdmin:
+        admin: JetStreamAdmin | None = None
+
+        async def reconnected() -> None:
+            if admin is not None:
+                admin.reconnected()
+
         nc = await nats.connect(
             url,
             name="shoal-operator",
             max_reconnect_attempts=-1,
             reconnect_time_wait=1,
             connect_timeout=5,
+            reconnected_cb=reconnected,
         )
-        return cls(nc)
+        admin = cls(nc)
+        return admin
+
+    def reconnected(self) -> None:
+        """Restarts the watches: what was written while disconnected is replayed."""
+        event, self._reconnected = self._reconnected, asyncio.Event()
+        event.set()
 
     async def close(self) -> None:
         await self.nc.drain()
@@ -140,6 +173,99 @@ class JetStreamAdmin:
             for subject in (f"$KV.{bucket}.{key}", f"$KV.{bucket}.{key}.>"):
                 await self._request(f"STREAM.PURGE.KV_{bucket}", {"filter": subject})
         log.info("removed JetStream resources of %s/%s", namespace, agent)
+
+    # -- the runtimes' shared state ----------------------------------------------------
+
+    async def _bucket(self, bucket: str) -> KeyValue:
+        kv = self._buckets.get(bucket)
+        if kv is None:
+            # Looking the bucket up is a request; the handle stays valid (it is a name).
+            kv = self._buckets[bucket] = await self.js.key_value(bucket)
+        return kv
+
+    async def _record(self, bucket: str, namespace: str, agent: str, model: type[R]) -> R | None:
+        key = nl.agent_key(namespace, agent)
+        try:
+            entry = await (await self._bucket(bucket)).get(key)
+        except KeyNotFoundError:
+            return None
+        try:
+            return model.model_validate_json(entry.value or b"")
+        except ValidationError as exc:
+            # A runtime of another version, or a hand edit: the status keeps what it had.
+            revision = entry.revision or 0
+            if self._malformed.get((bucket, key)) != revision:
+                self._malformed[(bucket, key)] = revision
+                problems = "; ".join(e["msg"] for e in exc.errors())
+                log.warning("ignoring malformed %s record %s: %s", bucket, key, problems)
+            return None
+
+    async def circuit_record(self, namespace: str, agent: str) -> CircuitRecord | None:
+        """The Agent's circuit breaker record; None when missing or malformed."""
+        return await self._record(nl.CIRCUIT_BUCKET, namespace, agent, CircuitRecord)
+
+    async def usage_record(self, namespace: str, agent: str) -> UsageRecord | None:
+        """The Agent's usage record; None when missing or malformed."""
+        return await self._record(nl.USAGE_BUCKET, namespace, agent, UsageRecord)
+
+    async def watch_agents(self, bucket: str, on_update: AgentCallback) -> None:
+        """Calls ``on_update(namespace, agent, replay)`` for every write of an Agent's key
+        in ``bucket``: first once per existing key (``replay``), then as writes happen.
+
+        Runs until cancelled. A watch that fails is restarted with backoff; a reconnect
+        restarts it too, and its replay covers whatever was written while disconnected.
+        """
+        delay = WATCH_BACKOFF[0]
+        while True:
+            reconnected = self._reconnected
+            watcher: KeyValue.KeyWatcher | None = None
+            try:
+                kv = await self._bucket(bucket)
+                # What is stored before the watch starts is the replay. (nats-py's own
+                # end-of-initial-values marker can come before a value already in flight.)
+                replayed = (await kv.status()).stream_info.state.last_seq
+                # Keys only: the reconcile reads the value itself.
+                watcher = await kv.watch(AGENT_KEYS, meta_only=True)
+                delay = WATCH_BACKOFF[0]
+                await _follow(watcher, on_update, reconnected, replayed)
+                log.info("KV watch of %s restarting after a reconnect", bucket)
+            except Exception as exc:
+                log.warning("KV watch of %s failed (%s); restarting in %.0fs", bucket, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, WATCH_BACKOFF[1])
+            finally:
+                if watcher is not None:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py
+
+
+async def _follow(
+    watcher: KeyValue.KeyWatcher,
+    on_update: AgentCallback,
+    reconnected: asyncio.Event,
+    replayed: int,
+) -> None:
+    """Passes the watcher's keys on until a reconnect; raises if the watch ends."""
+
+    async def read() -> None:
+        async for entry in watcher:
+            if entry is None:  # nats-py's end-of-initial-values marker
+                continue
+            namespace, _, agent = entry.key.partition(".")
+            on_update(namespace, agent, (entry.revision or 0) <= replayed)
+        raise ConnectionError("the watch was stopped")
+
+    reader = asyncio.create_task(read())
+    waiter = asyncio.create_task(reconnected.wait())
+    try:
+        await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (reader, waiter):
+            task.cancel()
+        await asyncio.gather(reader, waiter, return_exceptions=True)
+    failure = reader.exception() if reader.done() and not reader.cancelled() else None
+    if failure is not None:
+        raise failure
 
 
 def queue_counts(info: Mapping[str, Any]) -> tuple[int, int]:

@@ -375,7 +375,7 @@ def test_retry_delays_are_capped_exponential() -> None:
             "backoff": {"initialSeconds": 2, "maxSeconds": 20, "multiplier": 3},
         }
     )
-    assert jetstream.retry_delays(spec) == [2, 6, 18, 20, 20, 20]
+    assert spec.retry.delays() == [2, 6, 18, 20, 20, 20]
 
 
 def test_consumer_backoff_in_nanoseconds() -> None:

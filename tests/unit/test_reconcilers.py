@@ -1,19 +1,26 @@
-"""The pure reconcilers: plan() and status() of Agent, ScalingPolicy and Workflow."""
+"""The pure reconcilers: plan() and status() of Agent, ScalingPolicy and Workflow; and
+how the controller feeds them the runtimes' state (queueing, its own status writes)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
 
 from shoal_api.agent import AgentSpec
+from shoal_api.runtime_state import CircuitRecord, HourUsage, UsageRecord
 from shoal_api.scaling import ScalingPolicySpec
 from shoal_api.workflow import WorkflowSpec
+from shoal_operator import controller as ctl_mod
 from shoal_operator.builders.common import Owner
 from shoal_operator.builders.deployment import RuntimeDefaults
 from shoal_operator.conditions import EventSpec, find
+from shoal_operator.kube import Kube
 from shoal_operator.reconcilers import agent as agent_rec
 from shoal_operator.reconcilers import scaling as scaling_rec
 from shoal_operator.reconcilers import workflow as workflow_rec
@@ -86,8 +93,10 @@ def observed(
     agents: frozenset[str] = frozenset({"triage"}),
     scaled_by: str | None = None,
     max_replicas: int = 1,
+    circuit: CircuitRecord | None = None,
+    usage: UsageRecord | None = None,
 ) -> agent_rec.AgentObserved:
-    return agent_rec.AgentObserved(dep, agents, scaled_by, max_replicas)
+    return agent_rec.AgentObserved(dep, agents, scaled_by, max_replicas, circuit, usage)
 
 
 def cond(status: dict[str, Any], type_: str) -> dict[str, Any]:
@@ -234,6 +243,7 @@ def agent_status(
     current: dict[str, Any] | None = None,
     generation: int = 3,
     now: str = "t1",
+    unix_now: float = 0.0,
 ) -> tuple[dict[str, Any], list[EventSpec]]:
     return agent_rec.status(
         generation,
@@ -243,6 +253,7 @@ def agent_status(
         outcome or agent_rec.AgentOutcome(),
         current or {},
         now,
+        unix_now=unix_now,
     )
 
 
@@ -362,6 +373,161 @@ def test_recovery_is_a_normal_event() -> None:
     second, events = agent_status(current=first, now="t2")
     assert [(e.type, e.reason) for e in events] == [("Normal", "Available")]
     assert cond(second, "Ready")["lastTransitionTime"] == "t2"
+
+
+# -- agent status: the runtimes' circuit breaker and usage ---------------------------
+
+T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
+HOUR = int(T0 // 3600)
+
+
+def circuit(state: Any, since: float = T0, rate: float = 0.0, reason: str = "") -> CircuitRecord:
+    return CircuitRecord(state=state, since=since, failure_rate_percent=rate, reason=reason)
+
+
+def with_circuit(
+    record: CircuitRecord, current: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], list[EventSpec]]:
+    return agent_status(obs=observed(deployment(), circuit=record), current=current)
+
+
+def circuit_events(events: list[EventSpec]) -> list[tuple[str, str]]:
+    return [(e.type, e.reason) for e in events if e.reason.startswith("Circuit")]
+
+
+def test_circuit_mirrored_from_the_record() -> None:
+    record = circuit("Open", T0 + 0.7, 62.5, "5 consecutive failures")
+    status, events = with_circuit(record)
+    assert status["circuit"] == {
+        "state": "Open",
+        "since": "2023-11-14T22:13:20Z",
+        "failureRatePercent": 62.5,
+    }
+    opened = next(e for e in events if e.reason == "CircuitOpened")
+    assert opened.type == "Warning"
+    assert "62.5%" in opened.message
+    assert "5 consecutive failures" in opened.message
+
+
+def test_open_circuit_leaves_ready_and_degraded_alone() -> None:
+    status, _ = with_circuit(circuit("Open", rate=100))
+    assert cond(status, "Ready")["status"] == "True"
+    assert cond(status, "Degraded")["status"] == "False"
+
+
+def test_circuit_events_only_on_transitions() -> None:
+    status, events = with_circuit(circuit("Closed", since=0))
+    assert circuit_events(events) == []  # every Agent starts closed: not news
+    steps = [
+        (circuit("Closed", since=0), []),
+        (circuit("Open", T0, 80), [("Warning", "CircuitOpened")]),
+        (circuit("Open", T0, 85), []),  # same opening, newer rate
+        (circuit("HalfOpen", T0 + 30), [("Normal", "CircuitHalfOpen")]),
+        (circuit("HalfOpen", T0 + 30), []),
+        (circuit("Closed", T0 + 40), [("Normal", "CircuitClosed")]),
+        (circuit("Closed", T0 + 40), []),
+    ]
+    for record, expected in steps:
+        status, events = with_circuit(record, status)
+        assert circuit_events(events) == expected, record
+        assert status["circuit"]["state"] == record.state
+
+
+def test_reopened_between_two_reads_is_an_event() -> None:
+    first, _ = with_circuit(circuit("Open", T0, 80))
+    # HalfOpen and back to Open happened before the operator looked again.
+    _, events = with_circuit(circuit("Open", T0 + 60, 100, "probe failed"), first)
+    assert circuit_events(events) == [("Warning", "CircuitOpened")]
+
+
+def test_closed_after_open_without_seeing_half_open() -> None:
+    first, _ = with_circuit(circuit("Open", T0))
+    _, events = with_circuit(circuit("Closed", T0 + 90, reason="3 probes succeeded"), first)
+    assert [(e.type, e.reason, e.message) for e in events] == [
+        ("Normal", "CircuitClosed", "circuit closed, calls flow again: 3 probes succeeded")
+    ]
+
+
+def test_bad_record_values_stay_within_the_schema() -> None:
+    status, _ = with_circuit(circuit("Open", since=0, rate=150))
+    assert status["circuit"] == {"state": "Open", "since": "", "failureRatePercent": 100.0}
+    status, _ = with_circuit(circuit("Open", since=float("inf"), rate=float("nan")))
+    assert status["circuit"] == {"state": "Open", "since": "", "failureRatePercent": 0.0}
+
+
+def test_circuit_and_usage_kept_when_no_record_is_known() -> None:
+    current = {
+        "circuit": {"state": "Open", "since": "2023-11-14T22:13:20Z", "failureRatePercent": 90},
+        "usage": {"tasksLastHour": 5, "tokensLastHour": 50, "costLastHour": "0.1"},
+    }
+    status, events = agent_status(current=current)
+    assert status["circuit"] == current["circuit"]
+    assert status["usage"] == current["usage"]
+    assert circuit_events(events) == []
+    fresh, _ = agent_status()
+    assert "circuit" not in fresh
+    assert "usage" not in fresh
+
+
+def usage_record(
+    current: tuple[int, int, int, str], previous: tuple[int, int, int, str] | None = None
+) -> UsageRecord:
+    def hour(h: tuple[int, int, int, str]) -> HourUsage:
+        return HourUsage(hour=h[0], tasks=h[1], tokens=h[2], cost=Decimal(h[3]))
+
+    return UsageRecord(current=hour(current), previous=hour(previous) if previous else HourUsage())
+
+
+def with_usage(record: UsageRecord, unix_now: float) -> dict[str, Any]:
+    status, _ = agent_status(obs=observed(deployment(), usage=record), unix_now=unix_now)
+    usage: dict[str, Any] = status["usage"]
+    return usage
+
+
+def test_usage_weighs_the_previous_hour_by_what_is_left_of_it() -> None:
+    record = usage_record((HOUR, 10, 1000, "0.5"), (HOUR - 1, 40, 4000, "2"))
+    quarter = HOUR * 3600 + 900  # a quarter into the hour: 3/4 of the previous one counts
+    assert with_usage(record, quarter) == {
+        "tasksLastHour": 40,
+        "tokensLastHour": 4000,
+        "costLastHour": "2.0000",
+    }
+
+
+def test_usage_moves_in_whole_minutes() -> None:
+    record = usage_record((HOUR, 0, 0, "0"), (HOUR - 1, 3600, 36000, "36"))
+    minute = HOUR * 3600 + 600
+    same = with_usage(record, minute)
+    # Our own status write triggers a reconcile seconds later: it must compute the same.
+    assert with_usage(record, minute + 59.9) == same
+    assert same["tasksLastHour"] == 3000
+    assert with_usage(record, minute + 60)["tasksLastHour"] == 2940
+
+
+def test_usage_of_a_record_not_written_this_hour() -> None:
+    # The last write was in the previous clock hour: that hour decays like any other.
+    record = usage_record((HOUR - 1, 100, 0, "1"))
+    assert with_usage(record, HOUR * 3600 + 1800) == {
+        "tasksLastHour": 50,
+        "tokensLastHour": 0,
+        "costLastHour": "0.5000",
+    }
+    # Two hours on, nothing of it is left; the cost still has its key (one status shape).
+    assert with_usage(record, (HOUR + 1) * 3600 + 1) == {
+        "tasksLastHour": 0,
+        "tokensLastHour": 0,
+        "costLastHour": "0",
+    }
+
+
+def test_usage_change_alone_posts_no_event() -> None:
+    first, _ = agent_status(obs=observed(deployment(), usage=usage_record((HOUR, 1, 1, "0"))))
+    _, events = agent_status(
+        obs=observed(deployment(), usage=usage_record((HOUR, 9, 9, "1"))),
+        current=first,
+        unix_now=T0,
+    )
+    assert events == []
 
 
 # -- scaling -------------------------------------------------------------------------
@@ -626,3 +792,104 @@ def test_unknown_depends_on_is_named() -> None:
     spec = workflow_spec({"name": "a", "agent": "x", "dependsOn": ["ghost"]})
     problems = workflow_rec.problems(NS, spec, {"x": frozenset()})
     assert problems == [Problem("UnknownStep", "step a: dependsOn unknown step ghost")]
+
+
+# -- controller: queueing the runtimes' state, seeing its own status writes ------------
+
+
+class RecordingKube:
+    def __init__(self) -> None:
+        self.patches: list[dict[str, Any]] = []
+        self.events: list[str] = []
+
+    async def merge_patch(
+        self, kind: str, namespace: str, name: str, patch: dict[str, Any], sub: str = ""
+    ) -> dict[str, Any]:
+        self.patches.append(patch)
+        return {}
+
+    async def event(self, regarding: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        self.events.append(reason)
+
+
+def controller(kube: RecordingKube | None = None) -> ctl_mod.Controller:
+    return ctl_mod.Controller(
+        cast(Kube, kube or RecordingKube()), ctl_mod.ControllerConfig(runtime=DEFAULTS)
+    )
+
+
+def test_circuit_writes_go_before_the_replay() -> None:
+    async def scenario() -> None:
+        ctl = controller()
+        ctl.on_circuit(NS, "replayed", replay=True)
+        ctl.on_circuit(NS, "opened", replay=False)
+        assert await ctl.queue.get() == ("Agent", NS, "opened")
+        assert await ctl.queue.get() == ("Agent", NS, "replayed")
+
+    asyncio.run(scenario())
+
+
+def test_usage_writes_wait_for_the_end_of_the_throttle(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ctl_mod, "STATUS_THROTTLE_SECONDS", 0.2)
+
+    async def scenario() -> None:
+        ctl = controller()
+        key = ("Agent", NS, "busy")
+        ctl.on_usage(NS, "busy", replay=False)
+        assert await asyncio.wait_for(ctl.queue.get(), 1) == key  # nothing written lately
+        ctl.queue.done(key)
+        ctl._status_written[key] = time.monotonic()
+        for _ in range(5):
+            ctl.on_usage(NS, "busy", replay=False)
+        assert len(ctl.queue) == 0
+        assert await asyncio.wait_for(ctl.queue.get(), 1) == key
+        ctl.queue.done(key)
+        assert len(ctl.queue) == 0  # five merges, one reconcile
+        ctl.queue.close()
+
+    asyncio.run(scenario())
+
+
+def test_state_of_agents_not_watched_is_ignored() -> None:
+    class Agents:
+        def get(self, key: Any, default: Any = None) -> Any:
+            return {"body"} if key == (NS, "mine") else None
+
+        def __iter__(self) -> Any:
+            return iter([(NS, "mine")])
+
+    ctl = controller()
+    ctl.indexes = ctl_mod.Indexes(*(cast(ctl_mod.Index, Agents()) for _ in range(9)))
+    ctl.on_circuit("elsewhere", "theirs", replay=False)
+    ctl.on_usage("elsewhere", "theirs", replay=False)
+    assert len(ctl.queue) == 0
+    ctl.on_circuit(NS, "mine", replay=False)
+    assert len(ctl.queue) == 1
+
+
+def test_a_reconcile_before_the_cache_catches_up_sees_its_own_write() -> None:
+    kube = RecordingKube()
+    ctl = controller(kube)
+    body: dict[str, Any] = {
+        "apiVersion": "shoal.dev/v1alpha1",
+        "kind": "Agent",
+        "metadata": {"name": "triage", "namespace": NS, "uid": "u", "resourceVersion": "7"},
+        "status": {"circuit": {"state": "Closed", "since": "", "failureRatePercent": 0}},
+    }
+    record = circuit("Open", rate=90)
+    opened = {"circuit": agent_rec.circuit_status(record)}
+    events = [EventSpec("Warning", "CircuitOpened", "circuit opened")]
+    asyncio.run(ctl._write_status("Agent", body, opened, events))
+    assert (len(kube.patches), kube.events) == (1, ["CircuitOpened"])
+
+    # A KV update reconciles again while the cache still holds resourceVersion 7.
+    assert ctl._current_status("Agent", body)["circuit"]["state"] == "Open"
+    _, events = agent_status(
+        obs=observed(deployment(), circuit=record), current=ctl._current_status("Agent", body)
+    )
+    assert circuit_events(events) == []
+
+    # Once the cache has moved on, it is the truth again.
+    body["metadata"]["resourceVersion"] = "8"
+    body["status"] = {"circuit": {"state": "HalfOpen", "since": "t", "failureRatePercent": 0}}
+    assert ctl._current_status("Agent", body)["circuit"]["state"] == "HalfOpen"

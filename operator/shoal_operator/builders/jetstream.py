@@ -47,15 +47,6 @@ def streams() -> list[dict[str, Any]]:
     ]
 
 
-def retry_delays(spec: AgentSpec) -> list[float]:
-    """Delay before attempt 2, 3, ... from the Agent's exponential backoff."""
-    b = spec.retry.backoff
-    return [
-        min(b.initial_seconds * b.multiplier**i, b.max_seconds)
-        for i in range(spec.retry.max_attempts)
-    ]
-
-
 def consumer(namespace: str, agent: str, spec: AgentSpec, replicas: int) -> dict[str, Any]:
     """The Agent's durable pull consumer (JetStream API wire form: durations in ns).
 
@@ -67,7 +58,7 @@ def consumer(namespace: str, agent: str, spec: AgentSpec, replicas: int) -> dict
     - max_ack_pending bounds work in flight: concurrency x the most replicas.
     """
     attempt = spec.timeout_seconds + ACK_MARGIN_SECONDS
-    backoff = [_ns(attempt + d) for d in retry_delays(spec)]
+    backoff = [_ns(attempt + d) for d in spec.retry.delays()]
     return {
         "durable_name": nl.consumer_name(namespace, agent),
         "filter_subject": nl.agent_task_filter(namespace, agent),

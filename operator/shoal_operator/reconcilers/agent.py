@@ -1,12 +1,17 @@
-"""Agent: a Deployment, a ServiceAccount and a JetStream consumer; status from them."""
+"""Agent: a Deployment, a ServiceAccount and a JetStream consumer; status from them and
+from the runtimes' shared state (circuit breaker, usage)."""
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from shoal_api.agent import AgentSpec
+from shoal_api.runtime_state import CircuitRecord, UsageRecord
 from shoal_operator.builders import deployment as dep
 from shoal_operator.builders import jetstream
 from shoal_operator.builders.common import Owner
@@ -24,6 +29,10 @@ class AgentObserved:
     scaled_by: str | None = None
     """The ScalingPolicy that scales this Agent, if any: it then owns the replicas."""
     max_replicas: int = 1
+    circuit: CircuitRecord | None = None
+    """The runtimes' circuit breaker record; None when unknown (not written, unreadable)."""
+    usage: UsageRecord | None = None
+    """The runtimes' usage record; None when unknown."""
 
 
 @dataclass(frozen=True)
@@ -108,7 +117,10 @@ def status(
     outcome: AgentOutcome,
     current: Mapping[str, Any],
     now: str,
+    *,
+    unix_now: float,
 ) -> tuple[dict[str, Any], list[EventSpec]]:
+    """``now`` stamps conditions; ``unix_now`` ends the usage window."""
     problems = references(namespace, spec, observed.agents) + outcome.problems
     roll = rollout(observed.deployment)
     conds: list[Cond] = []
@@ -141,4 +153,79 @@ def status(
         new["queue"] = {"pending": outcome.pending, "inFlight": outcome.in_flight}
     elif "queue" in current:
         new["queue"] = current["queue"]
-    return new, transition_events(current.get("conditions"), conditions)
+    events = transition_events(current.get("conditions"), conditions)
+    # The circuit is not a condition: while it is open a fallback may be serving, so
+    # Ready stays about the Deployment and Degraded about the configuration.
+    if observed.circuit is not None:
+        new["circuit"] = circuit_status(observed.circuit)
+        events += circuit_events(current.get("circuit"), new["circuit"], observed.circuit)
+    elif "circuit" in current:
+        new["circuit"] = current["circuit"]
+    if observed.usage is not None:
+        new["usage"] = usage_status(observed.usage, unix_now)
+    elif "usage" in current:
+        new["usage"] = current["usage"]
+    return new, events
+
+
+def rfc3339(unix: float) -> str:
+    """A Unix time as RFC 3339 UTC to the second ("" when it is no plausible time)."""
+    if not math.isfinite(unix) or not 0 < unix < MAX_UNIX_TIME:
+        return ""
+    return dt.datetime.fromtimestamp(unix, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+MAX_UNIX_TIME = 253_402_300_800  # year 10000: beyond it datetime cannot format
+# The sliding hour advances in whole minutes: a reconcile caused by our own status
+# write then computes the same usage, instead of a slightly decayed value that asks for
+# yet another write (a loop for every Agent with traffic in the previous hour).
+USAGE_STEP_SECONDS = 60
+
+
+def _percent(value: float) -> float:
+    """Within the schema's 0-100, so a bad record cannot get the status write rejected."""
+    return round(min(100.0, max(0.0, value)), 1) if math.isfinite(value) else 0.0
+
+
+def circuit_status(record: CircuitRecord) -> dict[str, Any]:
+    # Every key always present: a merge patch keeps a key that is merely left out.
+    return {
+        "state": record.state,
+        "since": rfc3339(record.since),
+        "failureRatePercent": _percent(record.failure_rate_percent),
+    }
+
+
+def circuit_events(
+    before: Mapping[str, Any] | None, after: Mapping[str, Any], record: CircuitRecord
+) -> list[EventSpec]:
+    """One Event per transition the status did not show yet. A changed ``since`` with the
+    same state is a transition too: the circuit left and came back between two reads
+    (it re-opened after a failed probe, say)."""
+    if before is not None and (before.get("state"), before.get("since")) == (
+        after["state"],
+        after["since"],
+    ):
+        return []
+    reason = f": {record.reason}" if record.reason else ""
+    if after["state"] == "Open":
+        rate = f"{after['failureRatePercent']:g}"
+        return [
+            EventSpec("Warning", "CircuitOpened", f"circuit opened at {rate}% failures{reason}")
+        ]
+    if after["state"] == "HalfOpen":
+        return [EventSpec("Normal", "CircuitHalfOpen", f"circuit half-open, probing{reason}")]
+    if before is None:
+        return []  # a circuit first seen closed is how every Agent starts, not news
+    return [EventSpec("Normal", "CircuitClosed", f"circuit closed, calls flow again{reason}")]
+
+
+def usage_status(record: UsageRecord, unix_now: float) -> dict[str, Any]:
+    """Usage over the sliding last hour. ``costLastHour`` is always written (``"0"``
+    without pricing): one shape, because a merge patch cannot drop a key left out."""
+    hour = record.last_hour(unix_now - unix_now % USAGE_STEP_SECONDS)
+    return {
+        "tasksLastHour": max(0, hour.tasks),
+        "tokensLastHour": max(0, hour.tokens),
+        "costLastHour": format(hour.cost if hour.cost > 0 else Decimal(0), "f"),
+    }

@@ -1,0 +1,72 @@
+"""``python -m shoal_runtime``: the agent runtime of one pod.
+
+Readiness turns false first on SIGTERM, then fetching stops, in-flight tasks finish
+within the grace period and whatever cannot finish is handed back to JetStream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from shoal_runtime.config import ConfigError, Settings
+from shoal_runtime.handlers import HandlerLoadError
+from shoal_runtime.probes import ProbeServer
+from shoal_runtime.worker import Worker
+
+log = logging.getLogger("shoal.runtime")
+
+
+async def serve(settings: Settings) -> None:
+    worker = Worker(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def probe(ok: bool, what: str) -> tuple[int, str, bytes]:
+        return (200 if ok else 503), "text/plain", f"{what}: {'ok' if ok else 'no'}\n".encode()
+
+    health = ProbeServer(
+        {
+            "/livez": lambda: probe(worker.alive, "live"),
+            "/readyz": lambda: probe(worker.ready and not worker.stopping, "ready"),
+        }
+    )
+    metrics = ProbeServer(
+        {"/metrics": lambda: (200, CONTENT_TYPE_LATEST, generate_latest(worker.metrics.registry))}
+    )
+    await health.listen(settings.health_port)
+    await metrics.listen(settings.metrics_port)
+    try:
+        await worker.run(stop)
+    finally:
+        await health.close()
+        await metrics.close()
+    log.info("stopped")
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=os.environ.get("SHOAL_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+    try:
+        asyncio.run(serve(settings))
+    except HandlerLoadError as exc:
+        log.error("%s", exc)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""The ``shoal`` command line: submit tasks, wait for results, list and replay dead letters.
+
+One typer app with a sub-app per noun (``shoal dlq ...``); verbs on tasks sit at the top
+(``shoal submit``). A later command is a function on ``app`` or a new sub-app added the
+same way as ``dlq_app``, using :func:`_run` so that it shares the exit codes and the
+one-line error reporting.
+
+Exit codes: 0 done, 1 the task was dead-lettered, 2 bad usage or input, 3 NATS
+unreachable or Shoal's streams missing, 4 no result within ``--timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import nats.errors
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from shoal_api.envelope import DeadLetter, Result, Task, new_task_id, to_dict
+from shoal_runtime.client import (
+    URL_ENV,
+    ReplayReport,
+    ResultTimeoutError,
+    ShoalClient,
+    ShoalConnectionError,
+    ShoalError,
+    StreamsMissingError,
+    check_name,
+)
+
+T = TypeVar("T")
+
+
+class Exit(enum.IntEnum):
+    OK = 0
+    DEAD_LETTERED = 1
+    USAGE = 2
+    UNAVAILABLE = 3
+    TIMEOUT = 4
+    INTERRUPTED = 130
+
+
+class Output(enum.StrEnum):
+    text = "text"
+    json = "json"
+
+
+class ListOutput(enum.StrEnum):
+    table = "table"
+    json = "json"
+
+
+app = typer.Typer(
+    name="shoal",
+    help="Submit tasks to Shoal Agents and look after what could not be done.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+dlq_app = typer.Typer(
+    help="Dead-lettered tasks: list them, replay them.",
+    no_args_is_help=True,
+)
+app.add_typer(dlq_app, name="dlq")
+
+NatsOpt = Annotated[
+    str | None,
+    typer.Option("--nats", envvar=URL_ENV, help="NATS URL.", show_default=False),
+]
+NamespaceOpt = Annotated[
+    str,
+    typer.Option("--namespace", "-n", envvar="SHOAL_NAMESPACE", help="Namespace of the Agents."),
+]
+
+# Informational lines go to stderr so that stdout carries only what a script consumes.
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def _fail(code: Exit, message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _run(fn: Callable[[ShoalClient], Awaitable[T]], nats_url: str | None) -> T:
+    """Runs ``fn`` with a connected client; expected failures become one line on stderr
+    and their exit code."""
+
+    async def main() -> T:
+        client = await ShoalClient.connect(nats_url)
+        try:
+            return await fn(client)
+        finally:
+            await client.close()
+
+    try:
+        return asyncio.run(main())
+    except (ShoalConnectionError, StreamsMissingError) as exc:
+        _fail(Exit.UNAVAILABLE, str(exc))
+    except ResultTimeoutError as exc:
+        _fail(Exit.TIMEOUT, f"{exc} (it may still be queued or running)")
+    except ShoalError as exc:
+        _fail(Exit.UNAVAILABLE, str(exc))
+    except nats.errors.Error as exc:
+        # NATS went away mid-command (a request timed out, the connection closed).
+        _fail(Exit.UNAVAILABLE, f"NATS: {exc or type(exc).__name__}")
+    except KeyboardInterrupt:
+        # click would report "Aborted!" with exit code 1, which means dead-lettered here.
+        _fail(Exit.INTERRUPTED, "interrupted")
+
+
+def _check_names(namespace: str, agent: str | None) -> None:
+    try:
+        check_name("namespace", namespace)
+        if agent is not None:
+            check_name("agent", agent)
+    except ValueError as exc:
+        _fail(Exit.USAGE, str(exc))
+
+
+def _read_input(spec: str | None) -> Any:
+    """``--input``: JSON text, ``@file`` with JSON, or ``-`` for JSON on stdin."""
+    if spec is None:
+        return None
+    where = "--input"
+    if spec == "-":
+        text, where = typer.get_text_stream("stdin").read(), "stdin"
+    elif spec.startswith("@"):
+        path = Path(spec[1:])
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            _fail(Exit.USAGE, f"cannot read input file {path}: {getattr(exc, 'strerror', exc)}")
+        where = str(path)
+    else:
+        text = spec
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        hint = "" if spec.startswith(("@", "-")) else " (a string needs quotes: '\"text\"')"
+        _fail(Exit.USAGE, f"{where} is not valid JSON: {exc}{hint}")
+
+
+def describe(result: Result, submitted_to: str) -> str:
+    """Where a task went, in one line: who served it, from whom it was passed on."""
+    via = [a for a in result.path[:-1] if a != result.agent] if result.path else []
+    if not via and result.agent != submitted_to:
+        via = [submitted_to]
+    after = f" after {' -> '.join(via)} passed it on" if via else ""
+    tries = f" in {result.attempts} attempts" if result.attempts > 1 else ""
+    if result.status == "Succeeded":
+        how = "cached result of" if result.cached else "served by"
+        return f"succeeded: {how} {result.agent}{after}{tries}"
+    what = f"{result.reason}: {result.message}" if result.reason else (result.message or "")
+    return f"dead-lettered by {result.agent}{after}{tries}: {what}"
+
+
+def _age(at: float) -> str:
+    seconds = max(0, int(time.time() - at))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _truncate(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+@app.command()
+def submit(
+    agent: Annotated[str, typer.Argument(help="The Agent to send the task to.")],
+    namespace: NamespaceOpt = "default",
+    input: Annotated[
+        str | None,
+        typer.Option(
+            "--input",
+            "-i",
+            help="Task input: JSON text, @FILE with JSON, or - to read JSON from stdin.",
+            show_default=False,
+        ),
+    ] = None,
+    priority: Annotated[int, typer.Option(min=0, max=9, help="0 (lowest) to 9.")] = 5,
+    task_id: Annotated[
+        str | None,
+        typer.Option(
+            "--id",
+            help="Task id (idempotency key): resubmitting it within the stream's duplicate"
+            " window queues nothing new. Default: a new one.",
+            show_default=False,
+        ),
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait", "-w", help="Wait for the result.")] = False,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            min=0, help="With --wait: give up after this many seconds.", show_default=False
+        ),
+    ] = None,
+    nats_url: NatsOpt = None,
+    output: Annotated[Output, typer.Option("--output", "-o")] = Output.text,
+) -> None:
+    """Submit a task to an Agent; print its id, or with --wait its result."""
+    _check_names(namespace, agent)
+    payload = _read_input(input)
+    try:
+        task = Task(id=task_id or new_task_id(), input=payload, priority=priority)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        _fail(Exit.USAGE, f"invalid task {where}: {first['msg']}")
+
+    async def go(client: ShoalClient) -> Result | None:
+        if not wait:
+            published = await client.publish_task(namespace, agent, task)
+            if published.duplicate:
+                err.print(f"task {task.id} was submitted already: not queued again")
+            return None
+        async with client.watch_result(namespace, task.id, min_replays=task.replays) as watch:
+            published = await client.publish_task(namespace, agent, task)
+            note = " (submitted already: not queued again)" if published.duplicate else ""
+            err.print(f"task {task.id} submitted to {namespace}/{agent}{note}")
+            with err.status(f"waiting for the result of {task.id}"):
+                return await watch.wait(timeout)
+
+    result = _run(go, nats_url)
+    if result is None:
+        if output is Output.json:
+            out.print_json(data={"id": task.id, "namespace": namespace, "agent": agent})
+        else:
+            typer.echo(task.id)
+        return
+    if output is Output.json:
+        typer.echo(_json(to_dict(result)))
+    else:
+        err.print(describe(result, agent))
+        if result.status == "Succeeded":
+            typer.echo(_json(result.output))
+    if result.status != "Succeeded":
+        raise typer.Exit(Exit.DEAD_LETTERED)
+
+
+@dlq_app.command("list")
+def dlq_list(
+    namespace: NamespaceOpt = "default",
+    agent: Annotated[
+        str | None, typer.Option("--agent", "-a", help="Only this Agent's.", show_default=False)
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Show the newest N.")] = 100,
+    nats_url: NatsOpt = None,
+    output: Annotated[ListOutput, typer.Option("--output", "-o")] = ListOutput.table,
+) -> None:
+    """List dead letters, oldest first."""
+    _check_names(namespace, agent)
+
+    async def go(client: ShoalClient) -> list[tuple[int, DeadLetter]]:
+        return await client.dead_letters(namespace, agent, limit)
+
+    entries = _run(go, nats_url)
+    if output is ListOutput.json:
+        typer.echo(_json([{"seq": seq, **to_dict(dl)} for seq, dl in entries]))
+        return
+    if not entries:
+        err.print(f"no dead letters in {namespace}" + (f" from {agent}" if agent else ""))
+        return
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("SEQ", "AGENT", "REASON", "TASK", "AGE", "MESSAGE"):
+        table.add_column(column, no_wrap=column != "MESSAGE", overflow="fold")
+    for seq, dl in entries:
+        table.add_row(
+            str(seq),
+            dl.agent,
+            dl.reason,
+            dl.task.id if dl.task else "(unparsable)",
+            _age(dl.at),
+            _truncate(dl.message, 80),
+        )
+    out.print(table)
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    namespace: NamespaceOpt = "default",
+    agent: Annotated[
+        str | None, typer.Option("--agent", "-a", help="Only this Agent's.", show_default=False)
+    ] = None,
+    seq: Annotated[
+        list[int] | None,
+        typer.Option("--seq", help="DLQ sequence to replay (repeatable).", show_default=False),
+    ] = None,
+    all_: Annotated[
+        bool, typer.Option("--all", help="Replay every dead letter (of --agent, if given).")
+    ] = False,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Leave replayed entries in the DLQ.")
+    ] = False,
+    nats_url: NatsOpt = None,
+) -> None:
+    """Send dead-lettered tasks to their Agent again, as fresh attempts."""
+    _check_names(namespace, agent)
+    if bool(seq) == all_:
+        _fail(Exit.USAGE, "say which entries: --seq N (repeatable) or --all")
+
+    async def go(client: ShoalClient) -> ReplayReport:
+        return await client.replay(namespace, seq or None, agent, keep=keep)
+
+    report = _run(go, nats_url)
+    for dlq_seq, published in report.replayed:
+        t = published.task
+        typer.echo(f"replayed {dlq_seq}: task {t.id} -> {published.subject} (replay {t.replays})")
+    for skipped in report.skipped:
+        typer.echo(f"skipped {skipped.seq}: {skipped.reason}", err=True)
+    err.print(f"{len(report.replayed)} replayed, {len(report.skipped)} skipped")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

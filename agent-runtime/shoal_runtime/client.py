@@ -1,0 +1,459 @@
+"""The client SDK: submit tasks to Agents, wait for their results, inspect and replay dead
+letters. What the ``shoal`` CLI is built on, usable from any asyncio program::
+
+    async with await ShoalClient.connect() as shoal:
+        result = await shoal.run_task("support", "triage", {"text": "refund please"})
+        print(result.status, result.output)
+
+Everything goes through JetStream: tasks are published to the Agent's task subject (and
+acknowledged by the stream), results are read from the results stream, so a result that
+arrived before anyone waited for it is not lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import api
+from nats.js.client import JetStreamContext
+from pydantic import ValidationError
+
+from shoal_api import nats_layout as nl
+from shoal_api.envelope import (
+    MSG_ID_HEADER,
+    DeadLetter,
+    Result,
+    Task,
+    new_task_id,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+URL_ENV = "SHOAL_NATS_URL"
+
+# JetStream API error codes the client tells apart.
+STREAM_NOT_FOUND = 10059
+NO_MESSAGE_FOUND = 10037
+
+# The server removes the client's ephemeral consumers this long after their last use:
+# result watches are not deleted one by one (an API round trip per task), and a killed
+# CLI deletes nothing.
+EPHEMERAL_INACTIVE_SECONDS = 5.0
+FETCH_BATCH = 256
+# A result watch whose consumer vanished (NATS restarted: ordered consumers live in
+# memory) notices after two missed heartbeats and recreates it.
+WATCH_HEARTBEAT_SECONDS = 2.0
+
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def check_name(kind: str, value: str) -> str:
+    """Namespaces and Agent names become subject tokens: a dot or a wildcard in one would
+    address other subjects than meant."""
+    if not _DNS_LABEL.match(value):
+        raise ValueError(f"{kind} {value!r} is not a valid name (a DNS label: a-z, 0-9, -)")
+    return value
+
+
+class ShoalError(Exception):
+    """Base of the errors the client raises on purpose."""
+
+
+class ShoalConnectionError(ShoalError):
+    """NATS cannot be reached (or refuses the connection)."""
+
+
+class StreamsMissingError(ShoalError):
+    """NATS is up but Shoal's JetStream streams are not there."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(
+            "Shoal's JetStream streams do not exist on this NATS server"
+            " (is the Shoal operator running and connected to it?)"
+            + (f": {detail}" if detail else "")
+        )
+
+
+class ResultTimeoutError(ShoalError, TimeoutError):
+    """No result arrived in time; the task may still be queued or running."""
+
+    def __init__(self, task_id: str, timeout: float) -> None:
+        super().__init__(f"no result for task {task_id} within {timeout:g}s")
+        self.task_id = task_id
+        self.timeout = timeout
+
+
+@dataclass(frozen=True)
+class Published:
+    """A task envelope accepted by the tasks stream."""
+
+    task: Task
+    subject: str
+    seq: int
+    duplicate: bool
+    """JetStream dropped it as a resubmission of the same hop within the duplicate
+    window: the earlier message (``seq``) is the one that counts."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    seq: int
+    reason: str
+
+
+@dataclass
+class ReplayReport:
+    """What :meth:`ShoalClient.replay` did, entry by entry (by DLQ stream sequence)."""
+
+    replayed: list[tuple[int, Published]] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    @property
+    def tasks(self) -> list[Task]:
+        return [p.task for _, p in self.replayed]
+
+
+class ResultWatch:
+    """Results of one task as the results stream delivers them, from the latest stored
+    one on; opened before the task is published so the result cannot slip by."""
+
+    def __init__(self, sub: JetStreamContext.PushSubscription, task_id: str, min_replays: int):
+        self._sub = sub
+        self.task_id = task_id
+        self.min_replays = min_replays
+
+    async def wait(self, timeout: float | None = None) -> Result:  # noqa: ASYNC109
+        """The task's result; :class:`ResultTimeoutError` after ``timeout`` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    msg = await self._sub.next_msg(timeout=None)
+                    try:
+                        result = Result.model_validate_json(msg.data)
+                    except ValidationError as exc:
+                        log.warning("ignoring unreadable result on %s: %s", msg.subject, exc)
+                        continue
+                    # An older record of the task (before a DLQ replay) is not the answer.
+                    if result.replays >= self.min_replays:
+                        return result
+        except TimeoutError:
+            raise ResultTimeoutError(self.task_id, timeout or 0.0) from None
+
+
+class ShoalClient:
+    """A connection to Shoal's NATS. Create with :meth:`connect`; close with :meth:`close`
+    (or use it as an async context manager)."""
+
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+
+    @classmethod
+    async def connect(cls, url: str | None = None, *, timeout: float = 5) -> ShoalClient:  # noqa: ASYNC109
+        """Connects to ``url`` (default: ``$SHOAL_NATS_URL``, else a local server).
+
+        The first failed attempt (or ``timeout`` without a connection) is a
+        :class:`ShoalConnectionError`: a caller wants to hear that NATS is down, not wait
+        for it. Once connected, the client reconnects for as long as it lives, so a NATS
+        restart does not end a wait for a result.
+        """
+        url = url or os.environ.get(URL_ENV) or DEFAULT_URL
+        loop = asyncio.get_running_loop()
+        first_error: asyncio.Future[Exception] = loop.create_future()
+
+        async def on_error(exc: Exception) -> None:
+            # Replaces the default handler, which logs a traceback for every failed
+            # (re)connect.
+            if not first_error.done():
+                first_error.set_result(exc)
+            log.debug("nats: %s", exc)
+
+        nc = Client()
+        connecting = asyncio.ensure_future(
+            nc.connect(
+                url,
+                name="shoal-client",
+                connect_timeout=max(1, round(timeout)),
+                reconnect_time_wait=1,
+                max_reconnect_attempts=-1,
+                error_cb=on_error,
+            )
+        )
+        racing: list[asyncio.Future[Any]] = [connecting, first_error]
+        await asyncio.wait(racing, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if connecting.done() and connecting.exception() is None:
+            return cls(nc)
+        connecting.cancel()
+        with contextlib.suppress(BaseException):
+            await connecting
+        with contextlib.suppress(Exception):
+            await nc.close()
+        cause: BaseException
+        if first_error.done():
+            cause = first_error.result()
+        elif not connecting.cancelled() and (failed := connecting.exception()) is not None:
+            cause = failed
+        else:
+            cause = TimeoutError(f"no connection within {timeout:g}s")
+        why = str(cause) or type(cause).__name__
+        raise ShoalConnectionError(f"cannot connect to NATS at {url}: {why}")
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.close()
+
+    async def __aenter__(self) -> ShoalClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- tasks ---------------------------------------------------------------------------
+
+    async def publish_task(self, namespace: str, agent: str, task: Task) -> Published:
+        """Publishes ``task`` to ``agent``'s task subject and waits for the stream's ack."""
+        subject = nl.task_subject(
+            check_name("namespace", namespace), check_name("agent", agent), task.priority
+        )
+        try:
+            ack = await self.js.publish(
+                subject, task.to_json(), headers={MSG_ID_HEADER: task.msg_id()}
+            )
+        except nats.js.errors.NoStreamResponseError:
+            raise StreamsMissingError(f"nothing stores {subject}") from None
+        except nats.js.errors.APIError as exc:
+            raise ShoalError(f"publishing to {subject} failed: {exc}") from None
+        return Published(task, subject, ack.seq, bool(ack.duplicate))
+
+    async def submit(
+        self,
+        namespace: str,
+        agent: str,
+        input: Any,
+        *,
+        priority: int = 5,
+        task_id: str | None = None,
+        deadline: float | None = None,
+    ) -> Task:
+        """Queues a task for ``agent``. Submitting the same ``task_id`` again within the
+        stream's duplicate window queues nothing new."""
+        task = Task(id=task_id or new_task_id(), input=input, priority=priority, deadline=deadline)
+        await self.publish_task(namespace, agent, task)
+        return task
+
+    @contextlib.asynccontextmanager
+    async def watch_result(
+        self, namespace: str, task_id: str, *, min_replays: int = 0
+    ) -> AsyncIterator[ResultWatch]:
+        """Watches for the result of a task: open it, publish, then ``await w.wait()``.
+
+        The watch starts from the latest stored result of the task, so one published
+        before the watch opened is returned too; records of earlier replays than
+        ``min_replays`` are passed over.
+        """
+        subject = nl.result_subject(check_name("namespace", namespace), task_id)
+        try:
+            sub = await self.js.subscribe(
+                subject,
+                stream=nl.RESULTS_STREAM,
+                ordered_consumer=True,
+                idle_heartbeat=WATCH_HEARTBEAT_SECONDS,
+                deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+                inactive_threshold=EPHEMERAL_INACTIVE_SECONDS,
+            )
+        except nats.js.errors.NotFoundError as exc:
+            raise StreamsMissingError(f"{nl.RESULTS_STREAM}: {exc.description}") from None
+        except nats.js.errors.ServiceUnavailableError:
+            raise StreamsMissingError("JetStream does not answer") from None
+        try:
+            yield ResultWatch(sub, task_id, min_replays)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def wait_result(
+        self,
+        namespace: str,
+        task_id: str,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Result:
+        """The result of a task, once there is one (also if it is there already).
+
+        Raises :class:`ResultTimeoutError` when none arrives within ``timeout`` seconds.
+        """
+        async with self.watch_result(namespace, task_id) as watch:
+            return await watch.wait(timeout)
+
+    async def run_task(
+        self,
+        namespace: str,
+        agent: str,
+        input: Any,
+        *,
+        priority: int = 5,
+        task_id: str | None = None,
+        deadline: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Result:
+        """Submits a task and waits for its result (:class:`ResultTimeoutError` on timeout)."""
+        task = Task(id=task_id or new_task_id(), input=input, priority=priority, deadline=deadline)
+        async with self.watch_result(namespace, task.id, min_replays=task.replays) as watch:
+            await self.publish_task(namespace, agent, task)
+            return await watch.wait(timeout)
+
+    async def get_result(self, namespace: str, task_id: str) -> Result | None:
+        """The latest stored result of a task, or None while there is none."""
+        subject = nl.result_subject(check_name("namespace", namespace), task_id)
+        try:
+            msg = await self.js.get_msg(nl.RESULTS_STREAM, subject=subject)
+        except nats.js.errors.NotFoundError as exc:
+            if exc.err_code == NO_MESSAGE_FOUND:
+                return None
+            raise StreamsMissingError(f"{nl.RESULTS_STREAM}: {exc.description}") from None
+        except nats.js.errors.ServiceUnavailableError:
+            raise StreamsMissingError("JetStream does not answer") from None
+        return Result.model_validate_json(msg.data or b"")
+
+    # -- dead letters --------------------------------------------------------------------
+
+    async def dead_letters(
+        self, namespace: str, agent: str | None = None, limit: int | None = 100
+    ) -> list[tuple[int, DeadLetter]]:
+        """The newest ``limit`` dead letters of the namespace (or of one Agent), oldest
+        first, each with its sequence in the DLQ stream; ``limit=None`` for all."""
+        check_name("namespace", namespace)
+        subject = nl.dlq_subject(namespace, check_name("agent", agent) if agent else "*")
+        keep: collections.deque[tuple[int, DeadLetter]] = collections.deque(maxlen=limit)
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_policy=api.AckPolicy.NONE,
+            inactive_threshold=EPHEMERAL_INACTIVE_SECONDS,
+            mem_storage=True,
+        )
+        try:
+            sub = await self.js.pull_subscribe(subject, stream=nl.DLQ_STREAM, config=config)
+        except nats.js.errors.NotFoundError as exc:
+            raise StreamsMissingError(f"{nl.DLQ_STREAM}: {exc.description}") from None
+        except nats.js.errors.ServiceUnavailableError:
+            raise StreamsMissingError("JetStream does not answer") from None
+        name: str | None = None
+        try:
+            info = await sub.consumer_info()
+            name = info.name
+            # Fetching exactly what is pending: a fetch for more would wait out its timeout.
+            pending = info.num_pending or 0
+            while pending > 0:
+                msgs = await sub.fetch(min(pending, FETCH_BATCH), timeout=10)
+                pending -= len(msgs)
+                for msg in msgs:
+                    meta = msg.metadata
+                    dl = _dead_letter(msg.subject, msg.data, meta.timestamp.timestamp())
+                    keep.append((meta.sequence.stream, dl))
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            if name is not None:
+                with contextlib.suppress(Exception):
+                    await self.js.delete_consumer(nl.DLQ_STREAM, name)
+        return list(keep)
+
+    async def dead_letter(self, namespace: str, seq: int) -> DeadLetter | None:
+        """The dead letter at ``seq`` in the DLQ stream, if it is one of the namespace's."""
+        try:
+            msg = await self.js.get_msg(nl.DLQ_STREAM, seq=seq)
+        except nats.js.errors.NotFoundError as exc:
+            if exc.err_code == NO_MESSAGE_FOUND:
+                return None
+            raise StreamsMissingError(f"{nl.DLQ_STREAM}: {exc.description}") from None
+        except nats.js.errors.ServiceUnavailableError:
+            raise StreamsMissingError("JetStream does not answer") from None
+        subject = msg.subject or ""
+        if not subject.startswith(nl.dlq_subject(namespace, "")):
+            return None
+        stored = msg.time.timestamp() if msg.time else time.time()
+        return _dead_letter(subject, msg.data or b"", stored)
+
+    async def replay(
+        self,
+        namespace: str,
+        seqs: list[int] | None = None,
+        agent: str | None = None,
+        *,
+        keep: bool = False,
+    ) -> ReplayReport:
+        """Republishes dead-lettered tasks to the Agent that dead-lettered them.
+
+        ``seqs`` picks entries by DLQ sequence; without it, every dead letter of the
+        namespace (or of ``agent``) is replayed. Each task goes out again as a fresh
+        attempt (``attempt=1``, ``replays+1``, its path kept), so it produces a result
+        record of its own. Entries without a parsable task cannot be replayed and are
+        reported as skipped. A replayed entry is removed from the DLQ unless ``keep``:
+        what stays there is what still needs attention, and replaying twice does not
+        run a task twice.
+        """
+        report = ReplayReport()
+        entries: list[tuple[int, DeadLetter]] = []
+        if seqs is None:
+            entries = await self.dead_letters(namespace, agent, limit=None)
+        else:
+            for seq in seqs:
+                dl = await self.dead_letter(namespace, seq)
+                if dl is None:
+                    report.skipped.append(Skipped(seq, f"no dead letter of {namespace}"))
+                elif agent is not None and dl.agent != agent:
+                    report.skipped.append(Skipped(seq, f"dead-lettered by {dl.agent}"))
+                else:
+                    entries.append((seq, dl))
+        for seq, dl in entries:
+            if dl.task is None:
+                report.skipped.append(Skipped(seq, f"no parsable task ({dl.reason})"))
+                continue
+            task = dl.task.model_copy(update={"replays": dl.task.replays + 1, "attempt": 1})
+            published = await self.publish_task(namespace, dl.agent, task)
+            if published.duplicate:
+                report.skipped.append(Skipped(seq, "replayed already (duplicate publish)"))
+            else:
+                report.replayed.append((seq, published))
+            if not keep:
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    await self.js.delete_msg(nl.DLQ_STREAM, seq)
+        return report
+
+
+def _dead_letter(subject: str, data: bytes, stored: float) -> DeadLetter:
+    """Parses a DLQ record; one that does not parse is shown as what it is rather than
+    hidden (and can never be replayed, having no task)."""
+    try:
+        return DeadLetter.model_validate_json(data)
+    except ValidationError as exc:
+        parts = subject.split(".")
+        namespace, agent = (parts[2], parts[3]) if len(parts) >= 4 else ("", "")
+        return DeadLetter(
+            namespace=namespace,
+            agent=agent,
+            reason="MalformedEnvelope",
+            message=f"unreadable dead-letter record: {exc.error_count()} error(s)",
+            raw=data[:65536].decode("utf-8", errors="replace"),
+            at=stored,
+        )

@@ -1,0 +1,710 @@
+"""The runtime's work loop: pull an Agent's tasks from its durable consumer, enforce the
+Agent's contract and failure handling, record one result per task, then acknowledge.
+
+Delivery guarantees, in order of the steps for one task:
+- A result (or dead letter, or the forwarded task) is stored by JetStream *before* the
+  task is acknowledged, so an acknowledged task always has its record. Records carry a
+  ``Nats-Msg-Id``, so a record written twice (a worker died between write and ack) is
+  kept once.
+- A redelivered task first looks up its result: when one exists the delivery is
+  acknowledged without running the handler again.
+- Retries are JetStream redeliveries (``nak`` with the Agent's backoff), never sleeps in
+  the worker; an attempt cannot outlive its ack wait because in-flight tasks send
+  progress heartbeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import jsonschema
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import NotFoundError
+
+from shoal_api import envelope as env
+from shoal_api import nats_layout as nl
+from shoal_api.agent import AgentSpec
+from shoal_runtime.breaker import Breaker, Transition
+from shoal_runtime.config import Settings
+from shoal_runtime.handlers import Handlers
+from shoal_runtime.metrics import Metrics
+from shoal_runtime.sdk import Context, PermanentError, RetryableError
+from shoal_runtime.shared import (
+    CircuitSync,
+    Clock,
+    ResultCache,
+    TaskRateLimiter,
+    TokenRateLimiter,
+    UsageLedger,
+    open_buckets,
+    wall_clock,
+)
+
+log = logging.getLogger("shoal.runtime")
+
+FETCH_MAX = 256
+FETCH_WAIT = 1.0
+HELD_POLL = 0.2
+
+
+class DisposedError(Exception):
+    """The task got its final disposition before the handler ran (no further steps)."""
+
+
+@dataclass
+class Job:
+    """One delivery of one task on its way through the worker."""
+
+    msg: Msg
+    task: env.Task
+    delivered: int
+    started: float
+    ctx: Context
+    probe: bool = False
+    output: Any = None
+    error: BaseException | None = None
+    tokens: tuple[int, int] = (0, 0)
+    cost: Decimal = field(default_factory=Decimal)
+    done: asyncio.Future[None] | None = None
+    """Set when the job waits for the batch loop to settle it."""
+
+    @property
+    def attempts(self) -> int:
+        return self.task.attempt - 1 + self.delivered
+
+
+def _validator(schema: Any) -> jsonschema.protocols.Validator | None:
+    if schema is None:
+        return None
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def _violation(validator: jsonschema.protocols.Validator | None, value: Any) -> str | None:
+    if validator is None:
+        return None
+    error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+    return f"{where}: {error.message}"
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock = wall_clock,
+        handlers: Handlers | None = None,
+    ) -> None:
+        self.settings = settings
+        self.spec: AgentSpec = settings.spec
+        self.ns, self.agent = settings.namespace, settings.agent
+        self.clock = clock
+        self.handlers = handlers or Handlers(self.spec, settings.llm_api_key)
+        self.metrics = Metrics(self.ns, self.agent)
+        self.input_schema = _validator(self.spec.contract.input)
+        self.output_schema = _validator(self.spec.contract.output)
+        self.delays = self.spec.retry.delays()
+        self.breaker = Breaker(self.spec.circuit_breaker) if self.spec.circuit_breaker else None
+        self.ready = False
+        self.stopping = False
+        self.last_loop = time.monotonic()
+        # Keyed by id(msg): Msg is an unhashable dataclass.
+        self._inflight: dict[int, tuple[Msg, asyncio.Task[None]]] = {}
+        self._slot = asyncio.Event()
+        self._background: list[asyncio.Task[None]] = []
+        self._batches: asyncio.Queue[Job] | None = None
+        self.nc: Client | None = None
+        self.circuit: CircuitSync | None = None
+        self.task_limiter: TaskRateLimiter | None = None
+        self.token_limiter: TokenRateLimiter | None = None
+        self.ledger: UsageLedger | None = None
+        self.cache: ResultCache | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serves tasks until ``stop`` is set, then drains within the grace period."""
+        await self.start()
+        try:
+            fetch = asyncio.create_task(self._fetch_loop(stop), name="fetch")
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait((fetch, stopped), return_when=asyncio.FIRST_COMPLETED)
+            self.stopping = True
+            self.ready = False
+            stop.set()
+            await stopped
+            await fetch  # re-raises if the loop died
+            await self.drain()
+        finally:
+            await self.close()
+
+    async def start(self) -> None:
+        s = self.settings
+        self.nc = await nats.connect(
+            s.nats_url,
+            name=f"shoal-runtime {self.ns}/{self.agent} {s.pod_name}",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=5,
+        )
+        self.js = self.nc.jetstream(timeout=10)
+        self.sub = await self.js.pull_subscribe_bind(
+            durable=nl.consumer_name(self.ns, self.agent),
+            stream=nl.TASKS_STREAM,
+            pending_msgs_limit=FETCH_MAX * 4,
+        )
+        kv = await open_buckets(self.js)
+        key = nl.agent_key(self.ns, self.agent)
+        if self.breaker is not None:
+            self.circuit = CircuitSync(
+                kv[nl.CIRCUIT_BUCKET], key, self.breaker, s.pod_name, self.metrics.set_circuit
+            )
+            await self.circuit.start()
+        rate = self.spec.rate_limit
+        if rate is not None and rate.tasks_per_second:
+            self.task_limiter = TaskRateLimiter(
+                kv[nl.USAGE_BUCKET],
+                nl.limiter_key(self.ns, self.agent, "tasks"),
+                rate.tasks_per_second,
+                self.clock,
+            )
+        if rate is not None and rate.tokens_per_minute:
+            self.token_limiter = TokenRateLimiter(
+                kv[nl.USAGE_BUCKET],
+                nl.limiter_key(self.ns, self.agent, "tokens"),
+                rate.tokens_per_minute,
+                self.clock,
+            )
+        self.ledger = UsageLedger(kv[nl.USAGE_BUCKET], key, self.clock)
+        await self.ledger.start()
+        if self.spec.cache is not None:
+            self.cache = ResultCache(
+                kv[nl.CACHE_BUCKET], self.ns, self.agent, self.spec.cache.ttl_seconds, self.clock
+            )
+        self._background.append(asyncio.create_task(self._heartbeats(), name="heartbeats"))
+        if self.spec.batching is not None:
+            self._batches = asyncio.Queue()
+            self._background.append(asyncio.create_task(self._batch_loop(), name="batches"))
+        self.ready = True
+        log.info(
+            "serving %s/%s (concurrency %d, consumer %s)",
+            self.ns,
+            self.agent,
+            self.spec.concurrency,
+            nl.consumer_name(self.ns, self.agent),
+        )
+
+    async def drain(self) -> None:
+        """Lets in-flight tasks finish within the grace period, then hands the rest back."""
+        pending = [task for _, task in self._inflight.values()]
+        if pending:
+            log.info("draining %d tasks in flight", len(pending))
+            _, late = await asyncio.wait(pending, timeout=self.settings.drain_seconds)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=5)
+                log.warning("handed back %d unfinished tasks", len(late))
+
+    async def close(self) -> None:
+        self.ready = False
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.circuit is not None:
+            await self.circuit.stop()
+        if self.ledger is not None and self.nc is not None and self.nc.is_connected:
+            await self.ledger.stop()
+        await self.handlers.close()
+        if self.nc is not None and not self.nc.is_closed:
+            # Flush (our acks reach the server) then close; nats-py's drain() waits for
+            # every subscription, the KV watchers' included, and can stall on them.
+            with contextlib.suppress(Exception):
+                await self.sub.unsubscribe()
+            with contextlib.suppress(Exception):
+                await self.nc.flush(timeout=5)
+            await self.nc.close()
+
+    @property
+    def alive(self) -> bool:
+        return time.monotonic() - self.last_loop < 120
+
+    # -- fetching ----------------------------------------------------------------------
+
+    async def _fetch_loop(self, stop: asyncio.Event) -> None:
+        concurrency = self.spec.concurrency
+        while not stop.is_set():
+            self.last_loop = time.monotonic()
+            free = concurrency - len(self._inflight)
+            if free <= 0:
+                self._slot.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot.wait(), FETCH_WAIT)
+                continue
+            if (wait := self._gate()) > 0:
+                await asyncio.sleep(min(wait, FETCH_WAIT))
+                continue
+            try:
+                msgs = await self.sub.fetch(batch=min(free, FETCH_MAX), timeout=FETCH_WAIT)
+            except (NatsTimeoutError, TimeoutError):
+                continue
+            except Exception as exc:  # connection trouble: nats-py reconnects underneath
+                log.warning("fetch failed (%s); retrying", exc)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                self._inflight[id(msg)] = (msg, asyncio.create_task(self._serve(msg)))
+
+    def _gate(self) -> float:
+        """Seconds to pause fetching: an open circuit without fallback keeps tasks queued
+        (rather than spending their attempts), and so does a throttling budget."""
+        now = self.clock()
+        b = self.breaker
+        if b is not None and self.spec.fallback is None and (at := b.reopen_at()) is not None:
+            return max(0.0, at - now)
+        if self._over_budget() and self.spec.budget and self.spec.budget.on_exceeded == "Throttle":
+            return FETCH_WAIT
+        return 0.0
+
+    # -- one task ----------------------------------------------------------------------
+
+    async def _serve(self, msg: Msg) -> None:
+        self.metrics.in_flight.inc()
+        started = time.monotonic()
+        try:
+            job = await self._prepare(msg)
+            if self._batches is not None:
+                job.done = asyncio.get_running_loop().create_future()
+                await self._batches.put(job)
+                await job.done
+            else:
+                await self._execute([job])
+        except DisposedError:
+            pass
+        except asyncio.CancelledError:
+            # Drain ran out of time: hand the task back for another replica at once.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(msg.nak())
+            self.metrics.outcome["handed_back"].inc()
+        except Exception:
+            log.exception("unexpected error serving a task; it will be redelivered")
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=self.delays[0])
+        finally:
+            self.metrics.observe(time.monotonic() - started)
+            self.metrics.in_flight.dec()
+            self._inflight.pop(id(msg), None)
+            self._slot.set()
+
+    async def _prepare(self, msg: Msg) -> Job:
+        """Everything before the handler; raises :class:`DisposedError` when the task is done."""
+        meta = msg.metadata
+        delivered = meta.num_delivered or 1
+        self.metrics.queue_lag.set((meta.num_pending or 0) + len(self._inflight))
+        try:
+            task = env.parse_task(msg.data)
+        except env.EnvelopeError as exc:
+            await self._dead_letter(msg, None, "MalformedEnvelope", str(exc), delivered)
+            raise DisposedError from None
+        job = Job(msg, task, delivered, self.clock(), self._context(task, delivered))
+        if delivered > 1 and await self._already_recorded(task):
+            await msg.ack()
+            self.metrics.outcome["duplicate"].inc()
+            raise DisposedError
+        if delivered > self.spec.retry.max_attempts:
+            # max_deliver is attempts + 1: the last attempt's worker vanished mid-task.
+            await self._exhausted(job, "Timeout", "the worker of the last attempt vanished")
+            raise DisposedError
+        if task.deadline is not None and job.started > task.deadline:
+            await self._dead_letter(
+                msg,
+                task,
+                "DeadlineExceeded",
+                "the task's deadline passed before it started",
+                job.attempts,
+            )
+            raise DisposedError
+        if problem := _violation(self.input_schema, task.input):
+            await self._dead_letter(
+                msg,
+                task,
+                "ContractViolation",
+                f"input violates the contract: {problem}",
+                job.attempts,
+            )
+            raise DisposedError
+        if self.cache is not None:
+            hit, output = await self.cache.get(task.input)
+            if hit:
+                self.metrics.cache_hits.inc()
+                await self._succeed(job, output, cached=True)
+                raise DisposedError
+            self.metrics.cache_misses.inc()
+        await self._check_budget(job)
+        await self._admit(job)
+        if self.task_limiter is not None:
+            await self.task_limiter.acquire()
+        if self.token_limiter is not None:
+            await self.token_limiter.wait()
+        return job
+
+    def _context(self, task: env.Task, delivered: int) -> Context:
+        return Context(
+            task_id=task.id,
+            agent=self.agent,
+            namespace=self.ns,
+            attempt=delivered,
+            priority=task.priority,
+            deadline=task.deadline,
+            run=task.run,
+            step=task.step,
+            path=tuple(h.agent for h in task.path),
+            trace=dict(task.trace),
+            log=logging.LoggerAdapter(
+                logging.getLogger("shoal.handler"), {"task": task.id, "agent": self.agent}
+            ),
+        )
+
+    async def _admit(self, job: Job) -> None:
+        """The circuit breaker's say: call, probe, divert to the fallback, or hold."""
+        b = self.breaker
+        while b is not None:
+            decision, transition = b.allow(self.clock())
+            await self._share(transition)
+            if decision != "reject":
+                job.probe = decision == "probe"
+                return
+            if self.spec.fallback is not None:
+                await self._forward(job, self.spec.fallback.agent, "fallback", "circuit open")
+                raise DisposedError
+            if self.stopping:
+                await job.msg.nak()
+                self.metrics.outcome["handed_back"].inc()
+                raise DisposedError
+            await asyncio.sleep(HELD_POLL)
+
+    def _over_budget(self) -> bool:
+        budget = self.spec.budget
+        if budget is None or self.ledger is None:
+            return False
+        tokens, cost = self.ledger.this_hour()
+        return (budget.tokens_per_hour is not None and tokens >= budget.tokens_per_hour) or (
+            budget.cost_per_hour is not None and cost >= budget.cost_per_hour
+        )
+
+    async def _check_budget(self, job: Job) -> None:
+        budget = self.spec.budget
+        while budget is not None and self._over_budget():
+            why = "the Agent's hourly token or cost budget is spent"
+            if budget.on_exceeded == "Reject" or (
+                budget.on_exceeded == "Downgrade" and self.spec.fallback is None
+            ):
+                await self._dead_letter(job.msg, job.task, "BudgetExceeded", why, job.attempts)
+                raise DisposedError
+            if budget.on_exceeded == "Downgrade":
+                assert self.spec.fallback is not None
+                await self._forward(job, self.spec.fallback.agent, "downgrade", why)
+                raise DisposedError
+            if self.stopping:
+                await job.msg.nak()
+                raise DisposedError
+            await asyncio.sleep(HELD_POLL)
+
+    # -- running the handler -----------------------------------------------------------
+
+    async def _execute(self, jobs: list[Job]) -> None:
+        """Runs the handler once for ``jobs`` (one, or a batch) and settles each job."""
+        ctx = jobs[0].ctx
+        timeout = float(self.spec.timeout_seconds)
+        deadlines = [j.task.deadline for j in jobs if j.task.deadline is not None]
+        if deadlines:
+            timeout = max(0.001, min(timeout, min(deadlines) - self.clock()))
+        try:
+            async with asyncio.timeout(timeout):
+                if self._batches is None:
+                    outputs = [await self.handlers.single(jobs[0].task.input, ctx)]
+                else:
+                    outputs = await self.handlers.batch([j.task.input for j in jobs], ctx)
+                    if not isinstance(outputs, list) or len(outputs) != len(jobs):
+                        raise RetryableError(
+                            f"batch handler returned {type(outputs).__name__} "
+                            f"instead of a list of {len(jobs)} outputs"
+                        )
+        except TimeoutError:
+            error: BaseException = TimeoutError(f"attempt exceeded {timeout:.3g}s")
+            await asyncio.gather(*(self._failed(j, error) for j in jobs))
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await asyncio.gather(*(self._failed(j, exc) for j in jobs))
+            return
+        self._account(jobs, ctx)
+        await asyncio.gather(
+            *(self._succeeded(j, o, ctx) for j, o in zip(jobs, outputs, strict=True))
+        )
+
+    def _account(self, jobs: list[Job], ctx: Context) -> None:
+        """Usage of one call, split over the tasks it served."""
+        cost = ctx.cost
+        llm = self.spec.handler.llm
+        if not cost and llm is not None and llm.pricing is not None:
+            p = llm.pricing
+            cost = (
+                Decimal(ctx.input_tokens) * p.input_per_1k_tokens
+                + Decimal(ctx.output_tokens) * p.output_per_1k_tokens
+            ) / 1000
+        ctx.cost = cost
+        self.metrics.input_tokens.inc(ctx.input_tokens)
+        self.metrics.output_tokens.inc(ctx.output_tokens)
+        self.metrics.cost.inc(float(cost))
+        if self.ledger is not None:
+            self.ledger.add(len(jobs), ctx.tokens, cost)
+        if self.token_limiter is not None and ctx.tokens:
+            self._background.append(asyncio.create_task(self.token_limiter.add(ctx.tokens)))
+
+    async def _succeeded(self, job: Job, output: Any, ctx: Context) -> None:
+        if problem := _violation(self.output_schema, output):
+            await self._failed(
+                job, OutputViolationError(f"output violates the contract: {problem}")
+            )
+            return
+        await self._record(job, ok=True)
+        esc = self.spec.escalation
+        if (
+            esc is not None
+            and ctx.confidence is not None
+            and ctx.confidence < esc.confidence_below
+            and esc.agent not in job.ctx.path
+        ):
+            detail = f"confidence {ctx.confidence:.2f} < {esc.confidence_below}"
+            await self._forward(job, esc.agent, "escalation", detail)
+            return
+        if self.cache is not None:
+            await self.cache.put(job.task.input, output)
+        await self._succeed(job, output, confidence=ctx.confidence, ctx=ctx)
+
+    async def _failed(self, job: Job, error: BaseException) -> None:
+        reason: env.DeadLetterReason = "HandlerError"
+        if isinstance(error, TimeoutError):
+            reason = "Timeout"
+        elif isinstance(error, OutputViolationError):
+            reason = "OutputContractViolation"
+        message = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        await self._record(job, ok=False)
+        if isinstance(error, PermanentError):
+            await self._dead_letter(job.msg, job.task, reason, message, job.attempts)
+            return
+        if job.delivered < self.spec.retry.max_attempts:
+            delay = self.delays[job.delivered - 1]
+            if isinstance(error, RetryableError) and error.retry_after is not None:
+                delay = max(delay, error.retry_after)
+            log.info(
+                "task %s attempt %d failed (%s); retry in %.3gs",
+                job.task.id,
+                job.delivered,
+                message,
+                delay,
+            )
+            await job.msg.nak(delay=delay)
+            self.metrics.retries.inc()
+            self.metrics.outcome["failed"].inc()
+            return
+        await self._exhausted(job, reason, message)
+
+    async def _record(self, job: Job, ok: bool) -> None:
+        if self.breaker is not None:
+            await self._share(self.breaker.record(self.clock(), ok, job.probe))
+
+    async def _share(self, transition: Transition | None) -> None:
+        if transition is None:
+            return
+        self.metrics.set_circuit(transition.state)
+        if self.circuit is not None:
+            await self.circuit.publish(transition)
+
+    async def _exhausted(self, job: Job, reason: env.DeadLetterReason, message: str) -> None:
+        fallback = self.spec.fallback
+        if fallback is not None and fallback.agent not in job.ctx.path:
+            await self._forward(
+                job, fallback.agent, "fallback", f"{job.delivered} attempts failed: {message}"
+            )
+            return
+        await self._dead_letter(
+            job.msg, job.task, reason, f"after {job.delivered} attempts: {message}", job.attempts
+        )
+
+    # -- batching ----------------------------------------------------------------------
+
+    async def _batch_loop(self) -> None:
+        assert self._batches is not None
+        assert self.spec.batching is not None
+        size, wait = self.spec.batching.max_size, self.spec.batching.max_wait_millis / 1000
+        while True:
+            batch = [await self._batches.get()]
+            deadline = time.monotonic() + wait
+            while len(batch) < size:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._batches.get(), left))
+                except TimeoutError:
+                    break
+            self._background.append(asyncio.create_task(self._run_batch(batch)))
+
+    async def _run_batch(self, batch: list[Job]) -> None:
+        error: BaseException | None = None
+        try:
+            await self._execute(batch)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            for job in batch:
+                if job.done is not None and not job.done.done():
+                    if error is None:
+                        job.done.set_result(None)
+                    else:
+                        job.done.set_exception(error)
+
+    # -- records -----------------------------------------------------------------------
+
+    async def _succeed(
+        self,
+        job: Job,
+        output: Any,
+        *,
+        cached: bool = False,
+        confidence: float | None = None,
+        ctx: Context | None = None,
+    ) -> None:
+        task = job.task
+        usage = None
+        if ctx is not None and (ctx.tokens or ctx.cost):
+            usage = env.Usage(
+                tokens=ctx.tokens,
+                input_tokens=ctx.input_tokens,
+                output_tokens=ctx.output_tokens,
+                cost=str(ctx.cost),
+            )
+        result = env.Result(
+            id=task.id,
+            agent=self.agent,
+            status="Succeeded",
+            output=output,
+            path=(*(h.agent for h in task.path), self.agent),
+            attempts=job.attempts,
+            confidence=confidence,
+            cached=cached,
+            usage=usage,
+            run=task.run,
+            step=task.step,
+            replays=task.replays,
+            started=job.started,
+            finished=self.clock(),
+        )
+        await self._publish(nl.result_subject(self.ns, task.id), result, task.result_msg_id())
+        await job.msg.ack()
+        if cached and self.ledger is not None:
+            self.ledger.add(1, 0, Decimal(0))
+        self.metrics.outcome["cached" if cached else "succeeded"].inc()
+
+    async def _dead_letter(
+        self,
+        msg: Msg,
+        task: env.Task | None,
+        reason: env.DeadLetterReason,
+        message: str,
+        attempts: int,
+    ) -> None:
+        record = env.dead_letter_for(
+            self.ns, self.agent, reason, message, task, raw=msg.data, attempts=attempts
+        )
+        msg_id = f"dlq.{task.result_msg_id()}" if task else f"dlq.{msg.metadata.sequence.stream}"
+        await self._publish(nl.dlq_subject(self.ns, self.agent), record, msg_id)
+        if task is not None:
+            result = env.Result(
+                id=task.id,
+                agent=self.agent,
+                status="DeadLettered",
+                reason=reason,
+                message=record.message,
+                path=(*(h.agent for h in task.path), self.agent),
+                attempts=attempts,
+                run=task.run,
+                step=task.step,
+                replays=task.replays,
+                finished=self.clock(),
+            )
+            await self._publish(nl.result_subject(self.ns, task.id), result, task.result_msg_id())
+        await msg.ack()
+        log.warning(
+            "dead-lettered task %s: %s: %s", task.id if task else "(unparsed)", reason, message
+        )
+        self.metrics.dead_letter(reason)
+
+    async def _forward(self, job: Job, agent: str, why: env.HopReason, detail: str) -> None:
+        """Passes the task on to another Agent (fallback, escalation, downgrade)."""
+        task = job.task
+        hop = env.Hop(agent=self.agent, reason=why, detail=detail)
+        if agent in job.ctx.path or agent == self.agent:
+            await self._dead_letter(
+                job.msg,
+                task,
+                "Unroutable",
+                f"{why} to {agent} would loop: {detail}",
+                job.attempts,
+            )
+            return
+        nxt = task.model_copy(update={"path": (*task.path, hop), "attempt": job.attempts + 1})
+        subject = nl.task_subject(self.ns, agent, task.priority)
+        await self._publish(subject, nxt, nxt.msg_id())
+        await job.msg.ack()
+        log.info("task %s passed to %s (%s: %s)", task.id, agent, why, detail)
+        self.metrics.outcome["forwarded"].inc()
+
+    async def _publish(self, subject: str, record: env.WireModel, msg_id: str) -> None:
+        await self.js.publish(subject, record.to_json(), headers={env.MSG_ID_HEADER: msg_id})
+
+    async def _already_recorded(self, task: env.Task) -> bool:
+        try:
+            raw = await self.js.get_last_msg(nl.RESULTS_STREAM, nl.result_subject(self.ns, task.id))
+        except NotFoundError:
+            return False
+        if raw.data is None:
+            return False
+        try:
+            return env.Result.model_validate_json(raw.data).replays >= task.replays
+        except ValueError:
+            return False
+
+    # -- heartbeats --------------------------------------------------------------------
+
+    async def _heartbeats(self) -> None:
+        """Progress acks for everything in flight, well inside the shortest ack wait."""
+        interval = max(1.0, min(10.0, (self.spec.timeout_seconds + 30) / 3))
+        while True:
+            await asyncio.sleep(interval)
+            for msg, _ in list(self._inflight.values()):
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+
+
+class OutputViolationError(Exception):
+    """The handler's output does not satisfy the output contract."""
