@@ -2,13 +2,17 @@
 
 All three systems run in one invocation, each on its own fresh server (nats-server with
 JetStream in a temp dir, or redis-server without persistence, on a free loopback port),
-so the ratios compare like with like on a noisy machine. Each system gets, in order:
+so the ratios compare like with like on a noisy machine. Each system gets:
 
 1. a readiness probe (one task through, end to end), then a warm-up burst;
 2. latency: tasks sent one at a time, each waiting for its result; the time from just
    before publishing to the result's arrival at the client (p50/p99);
 3. throughput: N tasks published as fast as the client can, timed from the first publish
    to the arrival of the N-th distinct result at the client.
+
+Bare nats-py and Shoal run side by side: latency samples interleaved one by one and
+throughput rounds alternated (median reported), so noise hits both alike and the
+difference (the runtime's overhead) survives a busy machine. Celery runs after them.
 
 The systems:
 
@@ -19,7 +23,8 @@ The systems:
   with the Redis result backend; tasks sent with ``noop.delay(i)``. Results are counted
   from the backend's own pub/sub notice (``PUBLISH celery-task-meta-<id>``, sent in the
   same pipeline as the SET that stores the result), so the task is not changed and the
-  backend is not polled.
+  backend is not polled. Also measured: the worker side alone (N tasks queued while the
+  worker consumes nothing, timed from ``add_consumer`` to the last result).
 - Shoal: one ``python -m shoal_runtime`` process, its streams, KV buckets and durable
   consumer declared the way the operator declares them, handler
   ``bench.noop_handler:handle`` at concurrency 256. Results are counted on a core
@@ -27,7 +32,8 @@ The systems:
   Succeeded with output == input).
 
 Writes bench/results/runtime.json and bench/results/runtime.md (``--quick`` prints the
-table only, unless ``--out`` is given).
+table only, unless ``--out`` is given). Exits non-zero when a system could not be
+measured (e.g. the runtime does not start); goals not met are reported, not failed.
 """
 
 from __future__ import annotations
@@ -117,6 +123,7 @@ class Proc:
     def start(
         cls, name: str, argv: list[str], tmp: Path, env: dict[str, str] | None = None
     ) -> Proc:
+        tmp.mkdir(parents=True, exist_ok=True)
         logf = tmp / f"{name}.log"
         with logf.open("wb") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -252,7 +259,12 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-# --- measurements shared by the two NATS systems -------------------------------------
+# --- the two NATS systems, run side by side ------------------------------------------
+
+
+def task_index(task_id: str) -> int:
+    """Task ids are ``<tag>-<i>``; every task's input (and so its output) is ``{"i": i}``."""
+    return int(task_id.rsplit("-", 1)[1])
 
 
 class Collector:
@@ -286,20 +298,32 @@ class Collector:
 
 
 Message = tuple[str, bytes, dict[str, str] | None]
-MakeMessage = Callable[[str, int], Message]
 
 
 @dataclass
 class NatsSystem:
-    name: str
+    """A NATS-based system under test: its server, its worker and the client side."""
+
+    key: str
+    label: str
     url: str
     server: Proc
     worker: Proc
     results_subject: str
-    make: MakeMessage
+    make: Callable[[str, int], Message]
+    """The task message with id ``<tag>-<i>`` and input ``{"i": i}``."""
     check: Callable[[list[bytes]], dict[str, Any]]
-    """Checks the result bodies of a throughput run; raises PhaseError on a bad one."""
-    extra: dict[str, Any] = field(default_factory=dict)
+    """Checks result bodies; raises PhaseError on a bad one."""
+    stack: contextlib.AsyncExitStack
+    """Stops this system's connections and processes (LIFO)."""
+    col: Collector = field(default_factory=Collector)
+    js: JetStreamContext | None = None
+    latencies: list[float] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+    def publisher(self) -> JetStreamContext:
+        assert self.js is not None
+        return self.js
 
 
 async def publish_all(js: JetStreamContext, messages: list[Message]) -> None:
@@ -309,14 +333,13 @@ async def publish_all(js: JetStreamContext, messages: list[Message]) -> None:
         )
 
 
-async def wait_done(
-    col: Collector, what: str, started: float, limit: float, alive: Callable[[], None]
-) -> None:
+async def wait_done(sys_: NatsSystem, what: str, started: float, limit: float) -> None:
+    col = sys_.col
     while not col.done.is_set():
         try:
             await asyncio.wait_for(col.done.wait(), 2)
         except TimeoutError:
-            alive()
+            sys_.worker.check_alive()
             elapsed = time.perf_counter() - started
             log(f"    {what}: {len(col.ids)}/{col.target} results after {elapsed:.1f}s")
             if elapsed > limit:
@@ -325,78 +348,82 @@ async def wait_done(
                 ) from None
 
 
-async def measure_nats(sys_: NatsSystem, n: int, samples: int, warm: int) -> dict[str, Any]:
+async def open_system(sys_: NatsSystem, warm: int) -> None:
+    """Connects the client side, then a readiness probe and a warm-up burst."""
     sub_nc = await nats.connect(sys_.url, name="bench-results")
+    sys_.stack.push_async_callback(sub_nc.drain)
     pub_nc = await nats.connect(sys_.url, name="bench-publisher")
-    js = pub_nc.jetstream()
-    col = Collector()
+    sys_.stack.push_async_callback(pub_nc.drain)
+    sys_.js = pub_nc.jetstream()
     await sub_nc.subscribe(
         sys_.results_subject,
-        cb=col.on_msg,
+        cb=sys_.col.on_msg,
         pending_msgs_limit=-1,
         pending_bytes_limit=-1,
     )
     await sub_nc.flush()
-    alive = sys_.worker.check_alive
+    log(f"  {sys_.label}: readiness probe (one task end to end, up to {READY_LIMIT:.0f}s)")
+    sys_.col.expect(1)
+    started = time.perf_counter()
+    await publish_all(sys_.js, [sys_.make("r-0", 0)])
+    await wait_done(sys_, "readiness probe", started, READY_LIMIT)
+    sys_.check(sys_.col.bodies)
+    log(f"  {sys_.label}: ready after {time.perf_counter() - started:.2f}s; warm-up {warm}")
+    sys_.col.expect(warm)
+    started = time.perf_counter()
+    await publish_all(sys_.js, [sys_.make(f"w-{i}", i) for i in range(warm)])
+    await wait_done(sys_, "warm-up", started, READY_LIMIT)
+    sys_.check(sys_.col.bodies)
+    sys_.col.expect(0)
+
+
+async def latency_sample(sys_: NatsSystem, i: int) -> None:
+    subject, body, headers = sys_.make(f"l-{i}", i)
+    fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+    sys_.col.waiters[f"l-{i}"] = fut
+    t0 = time.perf_counter()
+    await sys_.publisher().publish(subject, body, headers=headers)
     try:
-        log(f"  {sys_.name}: readiness probe (one task end to end, up to {READY_LIMIT:.0f}s)")
-        col.expect(1)
-        started = time.perf_counter()
-        await publish_all(js, [sys_.make("r0", 0)])
-        await wait_done(col, "readiness probe", started, READY_LIMIT, alive)
-        sys_.check(col.bodies)
-        log(f"  {sys_.name}: ready after {time.perf_counter() - started:.2f}s; warm-up {warm}")
-        col.expect(warm)
-        started = time.perf_counter()
-        await publish_all(js, [sys_.make(f"w{i}", i) for i in range(warm)])
-        await wait_done(col, "warm-up", started, READY_LIMIT, alive)
+        sys_.latencies.append(await asyncio.wait_for(fut, LATENCY_LIMIT) - t0)
+    except TimeoutError:
+        sys_.worker.check_alive()
+        raise PhaseError(f"latency task l-{i}: no result in {LATENCY_LIMIT:.0f}s") from None
 
-        log(f"  {sys_.name}: latency, {samples} tasks one at a time")
-        loop = asyncio.get_running_loop()
-        latencies: list[float] = []
-        col.expect(0)
-        for i in range(samples):
-            subject, body, headers = sys_.make(f"l{i}", i)
-            fut: asyncio.Future[float] = loop.create_future()
-            col.waiters[f"l{i}"] = fut
-            t0 = time.perf_counter()
-            await js.publish(subject, body, headers=headers)
-            try:
-                latencies.append(await asyncio.wait_for(fut, LATENCY_LIMIT) - t0)
-            except TimeoutError:
-                alive()
-                raise PhaseError(f"latency task l{i}: no result in {LATENCY_LIMIT}s") from None
-        sys_.check(col.bodies)
 
-        log(f"  {sys_.name}: throughput, {n} tasks")
-        messages = [sys_.make(f"t{i}", i) for i in range(n)]
-        col.expect(n)
-        with CpuMeter(sys_.worker, sys_.server) as cpu:
-            started = time.perf_counter()
-            await publish_all(js, messages)
-            published = time.perf_counter() - started
-            log(f"    published {n} in {published:.2f}s")
-            await wait_done(col, "throughput", started, 60 + n / 200, alive)
-        elapsed = col.last - started
-        checked = sys_.check(col.bodies)
-        alive()
-    finally:
-        await pub_nc.drain()
-        await sub_nc.drain()
+async def throughput_round(sys_: NatsSystem, n: int, tag: str) -> None:
+    messages = [sys_.make(f"{tag}-{i}", i) for i in range(n)]
+    sys_.col.expect(n)
+    with CpuMeter(sys_.worker, sys_.server) as cpu:
+        started = time.perf_counter()
+        await publish_all(sys_.publisher(), messages)
+        published = time.perf_counter() - started
+        await wait_done(sys_, "throughput", started, 60 + n / 200)
+    elapsed = sys_.col.last - started
+    checked = sys_.check(sys_.col.bodies)
+    sys_.worker.check_alive()
+    log(f"    {sys_.label}: {n / elapsed:,.0f} tasks/s (published in {published:.2f}s)")
+    sys_.rounds.append(
+        {
+            "tasks_per_second": n / elapsed,
+            "elapsed_seconds": elapsed,
+            "publish_seconds": published,
+            **cpu.per_task_ms(n),
+            **checked,
+        }
+    )
+
+
+def summary(sys_: NatsSystem) -> dict[str, Any]:
+    """The median throughput round (with its CPU figures), every round's rate, latency."""
+    by_rate = sorted(sys_.rounds, key=lambda r: float(r["tasks_per_second"]))
+    lat = sys_.latencies
     return {
-        "tasks_per_second": n / elapsed,
-        "elapsed_seconds": elapsed,
-        "publish_seconds": published,
-        **cpu.per_task_ms(n),
-        "latency_p50_ms": 1000 * statistics.median(latencies),
-        "latency_p99_ms": 1000 * percentile(latencies, 0.99),
-        "latency_max_ms": 1000 * max(latencies),
-        **checked,
-        **sys_.extra,
+        **by_rate[(len(by_rate) - 1) // 2],
+        "rounds_tasks_per_second": [r["tasks_per_second"] for r in sys_.rounds],
+        "latency_p50_ms": 1000 * statistics.median(lat),
+        "latency_p99_ms": 1000 * percentile(lat, 0.99),
+        "latency_max_ms": 1000 * max(lat),
     }
-
-
-# --- 1. bare nats-py -----------------------------------------------------------------
 
 
 async def bare_worker(url: str) -> None:
@@ -419,51 +446,177 @@ async def bare_worker(url: str) -> None:
 def check_bare(bodies: list[bytes]) -> dict[str, Any]:
     for raw in bodies:
         body = json.loads(raw)
-        if body["output"]["i"] != int(body["id"].lstrip("rwlt") or 0):
+        if body["output"] != {"i": task_index(body["id"])}:
             raise PhaseError(f"bare: wrong output {body}")
     return {}
 
 
-async def phase_bare(tmp: Path, n: int, samples: int, warm: int) -> dict[str, Any]:
+async def start_bare(stack: contextlib.AsyncExitStack, tmp: Path) -> NatsSystem:
     server, url = nats_server(tmp)
-    with running(server):
-        nc = await connect_nats(url, server, "bench-admin")
-        js = nc.jetstream()
-        await js.add_stream(
-            StreamConfig(
-                name=BARE_TASKS,
-                subjects=[BARE_TASK_SUBJECT],
-                retention=RetentionPolicy.WORK_QUEUE,
-                storage=StorageType.FILE,
-            )
+    stack.callback(server.stop)
+    nc = await connect_nats(url, server, "bench-admin")
+    js = nc.jetstream()
+    await js.add_stream(
+        StreamConfig(
+            name=BARE_TASKS,
+            subjects=[BARE_TASK_SUBJECT],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
         )
-        await js.add_stream(
-            StreamConfig(name=BARE_RESULTS, subjects=["bare.result.>"], storage=StorageType.FILE)
-        )
-        await js.add_consumer(
-            BARE_TASKS,
-            ConsumerConfig(
-                durable_name=BARE_DURABLE,
-                ack_policy=AckPolicy.EXPLICIT,
-                max_ack_pending=1024,
-            ),
-        )
+    )
+    await js.add_stream(
+        StreamConfig(name=BARE_RESULTS, subjects=["bare.result.>"], storage=StorageType.FILE)
+    )
+    await js.add_consumer(
+        BARE_TASKS,
+        ConsumerConfig(
+            durable_name=BARE_DURABLE, ack_policy=AckPolicy.EXPLICIT, max_ack_pending=1024
+        ),
+    )
+    await nc.drain()
 
-        def make(task_id: str, i: int) -> Message:
-            body = json.dumps({"id": task_id, "input": {"i": i}}).encode()
-            return BARE_TASK_SUBJECT, body, None
+    def make(task_id: str, i: int) -> Message:
+        body = json.dumps({"id": task_id, "input": {"i": i}}).encode()
+        return BARE_TASK_SUBJECT, body, None
 
-        argv = [sys.executable, str(Path(__file__).resolve()), "--bare-worker", url]
-        with running(Proc.start("bare-worker", argv, tmp)) as worker:
-            out = await measure_nats(
-                NatsSystem("bare nats-py", url, server, worker, "bare.result.>", make, check_bare),
-                n,
-                samples,
-                warm,
-            )
-            info = await js.stream_info(BARE_RESULTS)
-            out["results_stream_messages"] = info.state.messages
-        await nc.drain()
+    argv = [sys.executable, str(Path(__file__).resolve()), "--bare-worker", url]
+    worker = Proc.start("bare-worker", argv, tmp)
+    stack.callback(worker.stop)
+    return NatsSystem(
+        "bare", "bare nats-py", url, server, worker, "bare.result.>", make, check_bare, stack
+    )
+
+
+def check_shoal(bodies: list[bytes]) -> dict[str, Any]:
+    from shoal_api.envelope import Result
+
+    spans = []
+    for raw in bodies:
+        result = Result.model_validate_json(raw)
+        if result.status != "Succeeded":
+            raise PhaseError(f"shoal: task {result.id} {result.status}: {result.message}")
+        if result.output != {"i": task_index(result.id)}:
+            raise PhaseError(f"shoal: task {result.id} output {result.output!r} != its input")
+        if result.started is not None:
+            spans.append(result.finished - result.started)
+    if not spans:
+        return {}
+    return {
+        "reported_span_p50_ms": 1000 * statistics.median(spans),
+        "reported_span_p99_ms": 1000 * percentile(spans, 0.99),
+    }
+
+
+async def start_shoal(stack: contextlib.AsyncExitStack, tmp: Path) -> NatsSystem:
+    from shoal_api import nats_layout
+    from shoal_api.agent import AgentSpec
+    from shoal_api.envelope import Task
+    from shoal_operator.builders import jetstream
+    from shoal_operator.builders.common import Owner
+    from shoal_operator.builders.deployment import CONFIG_ENV, runtime_config
+    from shoal_operator.jetstream_admin import JetStreamAdmin
+
+    main = REPO / "agent-runtime" / "shoal_runtime" / "__main__.py"
+    if not main.exists():
+        raise PhaseError(f"the runtime is not there yet: {main.relative_to(REPO)} is missing")
+    server, url = nats_server(tmp)
+    stack.callback(server.stop)
+    await (await connect_nats(url, server, "bench-probe")).close()
+    spec = AgentSpec.model_validate(
+        {"handler": {"python": "bench.noop_handler:handle"}, "concurrency": CONCURRENCY}
+    )
+    admin = await JetStreamAdmin.connect(url)
+    try:
+        await admin.ensure_streams()
+        await admin.ensure_buckets()
+        await admin.ensure_consumer(jetstream.consumer(NS, AGENT, spec, 1))
+    finally:
+        await admin.close()
+    owner = Owner("Agent", NS, AGENT, "00000000-0000-0000-0000-000000000000")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path[1:]]),
+        "SHOAL_NATS_URL": url,
+        "SHOAL_NAMESPACE": NS,
+        "SHOAL_AGENT": AGENT,
+        "SHOAL_POD_NAME": f"{AGENT}-0",
+        "SHOAL_HEALTH_PORT": str(free_port()),
+        "SHOAL_METRICS_PORT": str(free_port()),
+        CONFIG_ENV: runtime_config(owner, spec),
+    }
+    subject = nats_layout.task_subject(NS, AGENT, 5)
+
+    def make(task_id: str, i: int) -> Message:
+        task = Task(id=task_id, input={"i": i})
+        return subject, task.to_json(), {"Nats-Msg-Id": task.msg_id()}
+
+    worker = Proc.start("shoal-runtime", [sys.executable, "-m", "shoal_runtime"], tmp, env)
+    stack.callback(worker.stop)
+    results = nats_layout.result_subject(NS, ">")
+    return NatsSystem("shoal", "Shoal", url, server, worker, results, make, check_shoal, stack)
+
+
+STARTERS = {"bare": start_bare, "shoal": start_shoal}
+
+
+async def phase_nats(
+    tmp: Path, keys: list[str], n: int, samples: int, warm: int, rounds: int
+) -> dict[str, dict[str, Any]]:
+    """bare nats-py and Shoal side by side: latency samples interleaved one by one,
+    throughput rounds alternated, so that noise on the machine hits both alike."""
+    out: dict[str, dict[str, Any]] = {}
+    live: list[NatsSystem] = []
+
+    async def fail(sys_: NatsSystem, exc: PhaseError) -> None:
+        log(f"ERROR: {sys_.label} not measured: {exc}")
+        out[sys_.key] = {"error": str(exc)}
+        live.remove(sys_)
+        await sys_.stack.aclose()
+
+    async with contextlib.AsyncExitStack() as outer:
+        for key in keys:
+            stack = await outer.enter_async_context(contextlib.AsyncExitStack())
+            log(f"  starting {key}")
+            try:
+                sys_ = await STARTERS[key](stack, tmp / key)
+            except PhaseError as exc:
+                log(f"ERROR: {key} not measured: {exc}")
+                out[key] = {"error": str(exc)}
+                await stack.aclose()
+                continue
+            live.append(sys_)
+            try:
+                await open_system(sys_, warm)
+            except PhaseError as exc:
+                await fail(sys_, exc)
+
+        names = " and ".join(s.label for s in live)
+        log(f"  latency: {samples:,} tasks one at a time each, {names} interleaved")
+        for i in range(samples):
+            for sys_ in list(live if i % 2 == 0 else reversed(live)):
+                try:
+                    await latency_sample(sys_, i)
+                except PhaseError as exc:
+                    await fail(sys_, exc)
+        for sys_ in list(live):
+            try:
+                sys_.check(sys_.col.bodies)
+            except PhaseError as exc:
+                await fail(sys_, exc)
+
+        for r in range(rounds):
+            for sys_ in list(live if r % 2 == 0 else reversed(live)):
+                log(f"  throughput round {r + 1}/{rounds}: {sys_.label}, {n:,} tasks")
+                try:
+                    await throughput_round(sys_, n, f"t{r}")
+                except PhaseError as exc:
+                    await fail(sys_, exc)
+
+        for sys_ in live:
+            out[sys_.key] = summary(sys_)
+            if sys_.key == "shoal":
+                out[sys_.key]["concurrency"] = CONCURRENCY
+                out[sys_.key]["runtime_peak_rss_mib"] = peak_rss_mib(sys_.worker.proc.pid)
     return out
 
 
@@ -608,89 +761,6 @@ def phase_celery(tmp: Path, redis_bin: str, n: int, samples: int, warm: int) -> 
     }
 
 
-# --- 3. Shoal runtime ----------------------------------------------------------------
-
-
-def check_shoal(bodies: list[bytes]) -> dict[str, Any]:
-    from shoal_api.envelope import Result
-
-    spans = []
-    for raw in bodies:
-        result = Result.model_validate_json(raw)
-        if result.status != "Succeeded":
-            raise PhaseError(f"shoal: task {result.id} {result.status}: {result.message}")
-        if result.output != {"i": int(result.id.lstrip("rwlt") or 0)}:
-            raise PhaseError(f"shoal: task {result.id} output {result.output!r} != its input")
-        if result.started is not None:
-            spans.append(result.finished - result.started)
-    if not spans:
-        return {}
-    return {
-        "reported_span_p50_ms": 1000 * statistics.median(spans),
-        "reported_span_p99_ms": 1000 * percentile(spans, 0.99),
-    }
-
-
-async def phase_shoal(tmp: Path, n: int, samples: int, warm: int) -> dict[str, Any]:
-    from shoal_api import nats_layout
-    from shoal_api.agent import AgentSpec
-    from shoal_api.envelope import Task
-    from shoal_operator.builders import jetstream
-    from shoal_operator.builders.common import Owner
-    from shoal_operator.builders.deployment import CONFIG_ENV, runtime_config
-    from shoal_operator.jetstream_admin import JetStreamAdmin
-
-    main = REPO / "agent-runtime" / "shoal_runtime" / "__main__.py"
-    if not main.exists():
-        raise PhaseError(f"the runtime is not there yet: {main.relative_to(REPO)} is missing")
-    server, url = nats_server(tmp)
-    with running(server):
-        await (await connect_nats(url, server, "bench-probe")).close()
-        spec = AgentSpec.model_validate(
-            {"handler": {"python": "bench.noop_handler:handle"}, "concurrency": CONCURRENCY}
-        )
-        admin = await JetStreamAdmin.connect(url)
-        try:
-            await admin.ensure_streams()
-            await admin.ensure_buckets()
-            await admin.ensure_consumer(jetstream.consumer(NS, AGENT, spec, 1))
-        finally:
-            await admin.close()
-        owner = Owner("Agent", NS, AGENT, "00000000-0000-0000-0000-000000000000")
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path[1:]]),
-            "SHOAL_NATS_URL": url,
-            "SHOAL_NAMESPACE": NS,
-            "SHOAL_AGENT": AGENT,
-            "SHOAL_POD_NAME": f"{AGENT}-0",
-            "SHOAL_HEALTH_PORT": str(free_port()),
-            "SHOAL_METRICS_PORT": str(free_port()),
-            CONFIG_ENV: runtime_config(owner, spec),
-        }
-        subject = nats_layout.task_subject(NS, AGENT, 5)
-
-        def make(task_id: str, i: int) -> Message:
-            task = Task(id=task_id, input={"i": i})
-            return subject, task.to_json(), {"Nats-Msg-Id": task.msg_id()}
-
-        argv = [sys.executable, "-m", "shoal_runtime"]
-        with running(Proc.start("shoal-runtime", argv, tmp, env)) as worker:
-            system = NatsSystem(
-                "Shoal",
-                url,
-                server,
-                worker,
-                nats_layout.result_subject(NS, ">"),
-                make,
-                check_shoal,
-                {"concurrency": CONCURRENCY},
-            )
-            out = await measure_nats(system, n, samples, warm)
-            out["runtime_peak_rss_mib"] = peak_rss_mib(worker.proc.pid)
-    return out
-
-
 # --- report --------------------------------------------------------------------------
 
 
@@ -742,7 +812,8 @@ def markdown(doc: dict[str, Any]) -> str:
     celery_tps = res.get("celery", {}).get("tasks_per_second")
     bare_tps = res.get("bare", {}).get("tasks_per_second")
     out = [
-        f"No-op tasks end to end: {doc['tasks']:,} tasks for throughput, "
+        f"No-op tasks end to end: {doc['tasks']:,} tasks per throughput run (bare nats-py "
+        f"and Shoal: median of {doc['rounds']} alternated rounds), "
         f"{doc['latency_samples']:,} sequential tasks for latency, {doc['cores']} cores, "
         "all three systems measured in one invocation (ratios are within the run; "
         f"1-minute load average {doc['load_average_1m']['start']} at the start, "
@@ -755,7 +826,7 @@ def markdown(doc: dict[str, Any]) -> str:
     for key, label in SYSTEMS:
         r = res.get(key, {})
         if "tasks_per_second" not in r:
-            why = (r.get("error") or "not run").splitlines()[0]
+            why = (r.get("error") or "not run").splitlines()[0].split("; its log ends")[0]
             out.append(f"| {label} | not measured: {why} |  |  |  |  |  |  |")
             continue
         tps = r["tasks_per_second"]
@@ -798,13 +869,21 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         "Method:",
         "",
+        "- Each system first gets a readiness probe (one task end to end) and a warm-up "
+        "burst. Bare nats-py and Shoal run side by side (each with its own nats-server) "
+        "so that noise on the machine hits both alike: their latency samples are "
+        "interleaved one by one and their throughput rounds alternate; Celery runs after.",
         "- Throughput: N tasks published as fast as one client can (JetStream publishes "
         f"awaited in concurrent chunks of {PUBLISH_CHUNK}; Celery `noop.delay(i)` in a loop), "
         "timed from the first publish to the arrival of the N-th distinct result at the "
-        "client. Each system first gets a readiness probe and a warm-up burst.",
-        "- Latency: tasks sent one at a time, each timed from just before publishing to its "
-        "result's arrival at the client (NATS: core subscription on the results subject; "
-        "Celery: `AsyncResult.get()`). Overhead = Shoal minus bare nats-py at p50 and p99.",
+        "client. For bare nats-py and Shoal the median round is shown (every round is in "
+        "runtime.json).",
+        "- Latency: tasks sent one at a time, each timed from just before publishing (the "
+        "JetStream publish awaits its ack) to its result's arrival at the client (NATS: "
+        "core subscription on the results subject; Celery: `AsyncResult.get()`). The "
+        "handler is a no-op, so Shoal minus bare nats-py at p50 and p99 is the time the "
+        "runtime adds per task (contract checks, result record published with a JetStream "
+        "ack and a `Nats-Msg-Id`, metrics) over the bare loop (core-published result).",
         "- Bare nats-py: work-queue stream, durable pull consumer (explicit ack), one worker "
         "process looping `fetch(256)` -> core-publish a small result (stored by a results "
         "stream) -> `ack()`: the ceiling of a JetStream work queue in Python.",
@@ -828,7 +907,12 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=20_000, help="tasks per throughput run")
     parser.add_argument("--latency-samples", type=int, default=2_000)
     parser.add_argument("--warmup", type=int, default=500)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2,000 / 200 / 100")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="throughput rounds of bare nats-py and Shoal"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 2,000 tasks x 2 rounds, 200 samples"
+    )
     parser.add_argument("--only", default="bare,celery,shoal", help="comma-separated systems")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--bare-worker", metavar="URL", help=argparse.SUPPRESS)
@@ -838,7 +922,7 @@ def main() -> int:
             asyncio.run(bare_worker(args.bare_worker))
         return 0
     if args.quick:
-        args.tasks, args.latency_samples, args.warmup = 2_000, 200, 100
+        args.tasks, args.latency_samples, args.warmup, args.rounds = 2_000, 200, 100, 2
     elif args.out is None:
         args.out = REPO / "bench" / "results"
     only = set(args.only.split(","))
@@ -860,35 +944,42 @@ def main() -> int:
     load_start = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="shoal-bench-runtime-") as tmp_dir:
         tmp = Path(tmp_dir)
-        for key, label in SYSTEMS:
-            if key not in only:
-                continue
-            log(f"{label}: {n:,} tasks, {samples:,} latency samples")
-            phase_tmp = tmp / key
-            phase_tmp.mkdir()
+        nats_keys = [key for key, _ in SYSTEMS if key in only and key != "celery"]
+        if nats_keys:
+            names = " and ".join(label for key, label in SYSTEMS if key in nats_keys)
+            log(
+                f"{names}: {n:,} tasks x {args.rounds} rounds, {samples:,} latency samples, "
+                f"warm-up {warm}"
+            )
+            load = round(os.getloadavg()[0], 2)
+            started = time.monotonic()
+            for key, r in asyncio.run(
+                phase_nats(tmp, nats_keys, n, samples, warm, args.rounds)
+            ).items():
+                systems[key] = {**r, "load_average_before": load}
+            log(f"  done in {time.monotonic() - started:.0f}s")
+        if "celery" in only:
+            assert redis_bin is not None
+            log(f"Celery 5 + Redis: {n:,} tasks, {samples:,} latency samples, warm-up {warm}")
             load = round(os.getloadavg()[0], 2)
             started = time.monotonic()
             try:
-                if key == "bare":
-                    systems[key] = asyncio.run(phase_bare(phase_tmp, n, samples, warm))
-                elif key == "celery":
-                    assert redis_bin is not None
-                    systems[key] = phase_celery(phase_tmp, redis_bin, n, samples, warm)
-                else:
-                    systems[key] = asyncio.run(phase_shoal(phase_tmp, n, samples, warm))
+                r = phase_celery(tmp / "celery", redis_bin, n, samples, warm)
+                systems["celery"] = {**r, "load_average_before": load}
             except PhaseError as exc:
-                log(f"ERROR: {label} not measured: {exc}")
-                systems[key] = {"error": str(exc)}
-                continue
-            r = systems[key]
-            r["load_average_before"] = load
+                log(f"ERROR: Celery not measured: {exc}")
+                systems["celery"] = {"error": str(exc)}
+            log(f"  done in {time.monotonic() - started:.0f}s")
+    for key, label in SYSTEMS:
+        r = systems.get(key, {})
+        if "tasks_per_second" in r:
             log(
-                f"  {label}: {r['tasks_per_second']:,.0f} tasks/s, latency p50 "
-                f"{r['latency_p50_ms']:.2f} ms p99 {r['latency_p99_ms']:.2f} ms "
-                f"({time.monotonic() - started:.0f}s)"
+                f"{label}: {r['tasks_per_second']:,.0f} tasks/s, latency p50 "
+                f"{r['latency_p50_ms']:.2f} ms p99 {r['latency_p99_ms']:.2f} ms"
             )
     doc: dict[str, Any] = {
         "tasks": n,
+        "rounds": args.rounds,
         "latency_samples": samples,
         "warmup": warm,
         "cores": os.cpu_count(),

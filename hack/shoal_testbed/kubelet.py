@@ -326,9 +326,9 @@ class KubeletStandIn:
         rv: str = data["metadata"]["resourceVersion"]
         return rv
 
-    async def _watch(self, rv: str) -> str | None:
-        """Applies watch events until the server ends the watch; the resourceVersion to
-        go on from, or None when it is too old (410 Gone) and a relist is needed."""
+    async def _watch(self, rv: str) -> None:
+        """Applies watch events from ``rv`` on until the server ends the watch (after
+        RELIST_SECONDS) or ``rv`` is too old (410 Gone); the caller relists either way."""
         query = [
             ("labelSelector", AGENT_LABEL),
             ("watch", "true"),
@@ -351,7 +351,7 @@ class KubeletStandIn:
         )
         try:
             if resp.status == 410:
-                return None
+                return
             if resp.status != 200:
                 raise RuntimeError(f"watch: HTTP {resp.status}: {(await resp.read())[:300]!r}")
             buf = b""
@@ -366,11 +366,9 @@ class KubeletStandIn:
                     obj = event.get("object", {})
                     if event.get("type") == "ERROR":
                         if obj.get("code") == 410:
-                            return None
+                            return
                         raise RuntimeError(f"watch error: {obj.get('message')}")
-                    rv = obj.get("metadata", {}).get("resourceVersion", rv)
                     self._apply_event(event["type"], obj)
-            return rv
         finally:
             resp.release()
 
@@ -415,7 +413,7 @@ class KubeletStandIn:
 
     async def _namespace_opted_out(self, namespace: str) -> bool:
         """A consistent read right before a start: a label set before the pod was
-        created is always seen, whatever order the watches deliver in."""
+        created is always seen, however stale the periodic list of opted-out namespaces."""
         if self.namespace:
             return False
         ns = await self._get(f"/api/v1/namespaces/{namespace}")
@@ -627,6 +625,8 @@ class KubeletStandIn:
                 del self.slots[key]
         await self._start_wanted(desired, now)
         self.logged_capped &= desired.keys()
+        for key in self.last_grace.keys() - self.pods.keys() - self.slots.keys():
+            del self.last_grace[key]
         self._log_opt_outs()
         self._write_status()
 

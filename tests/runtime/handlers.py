@@ -71,3 +71,7 @@ async def batch_sum(inputs: list[Any], ctx: Context) -> list[Any]:
     if not isinstance(inputs, list):
         raise TypeError("expected a batch")
     return [{"x": i["x"], "batch": len(inputs)} for i in inputs]
+
+
+async def served(input: Any, ctx: Context) -> dict[str, Any]:
+    return {"by": ctx.agent}
