@@ -222,7 +222,7 @@ def test_budget_throttle_holds_tasks_until_the_budget_frees(nats_server: NatsSer
             async def usage_merged() -> bool:
                 kv = await js.key_value(nl.USAGE_BUCKET)
                 entry = await kv.get(nl.agent_key(NS, "pricey"))
-                return bool(json.loads(entry.value)["current"]["tokens"] == 300)
+                return bool(json.loads(entry.value or b"{}")["current"]["tokens"] == 300)
 
             await until(usage_merged, 10, "usage merged")
             # Over budget: the rest wait in the queue (not failed, not dead-lettered).
