@@ -41,7 +41,7 @@ manifests: $(VENV)/.installed ## Regenerate the operator's RBAC (kustomize + cha
 lint: $(VENV)/.installed ## ruff, mypy --strict, import-linter
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy --strict api operator agent-runtime hack tests bench
+	$(VENV)/bin/mypy --strict api operator agent-runtime hack examples tests bench
 	$(VENV)/bin/lint-imports
 
 .PHONY: verify

@@ -151,11 +151,17 @@ def _read_input(spec: str | None) -> Any:
 
 
 def describe(result: Result, submitted_to: str) -> str:
-    """Where a task went, in one line: who served it, from whom it was passed on."""
-    via = [a for a in result.path[:-1] if a != result.agent] if result.path else []
-    if not via and result.agent != submitted_to:
-        via = [submitted_to]
-    after = f" after {' -> '.join(via)} passed it on" if via else ""
+    """Where a task went, in one line: who served it, from whom it was passed on and why."""
+    if result.hops:
+        after = "".join(
+            f" after {h.reason} from {h.agent}" + (f" ({h.detail})" if h.detail else "")
+            for h in result.hops
+        )
+    else:
+        via = [a for a in result.path[:-1] if a != result.agent] if result.path else []
+        if not via and result.agent != submitted_to:
+            via = [submitted_to]
+        after = f" after {' -> '.join(via)} passed it on" if via else ""
     tries = f" in {result.attempts} attempts" if result.attempts > 1 else ""
     if result.status == "Succeeded":
         how = "cached result of" if result.cached else "served by"

@@ -59,7 +59,10 @@ class Handlers:
         if spec.handler.llm is not None:
             from shoal_runtime.llm import LlmChat
 
-            chat = LlmChat(spec.handler.llm, api_key, timeout=float(spec.timeout_seconds))
+            # The HTTP timeout fires just before the attempt's, so a slow endpoint reads as
+            # a retryable HTTP failure rather than a generic timeout.
+            http_timeout = max(0.5, spec.timeout_seconds - 0.5)
+            chat = LlmChat(spec.handler.llm, api_key, timeout=http_timeout)
             self.single: AsyncHandler = chat
             self.batch: AsyncHandler = chat.batch
             self._closers.append(chat.aclose)

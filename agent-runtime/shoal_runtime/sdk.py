@@ -10,7 +10,9 @@ A handler is a few lines::
         return {"category": "billing"}
 
 Sync handlers (``def handle(input, ctx)``) run in a thread pool. With ``spec.batching``
-the handler gets a list of inputs and returns a list of outputs of the same length.
+the handler gets a list of inputs and returns a list of outputs of the same length; the
+batch shares one context, so each output reports its own confidence as a
+``"confidence"`` field in [0, 1].
 """
 
 from __future__ import annotations

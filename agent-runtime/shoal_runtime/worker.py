@@ -445,22 +445,25 @@ class Worker:
                             f"batch handler returned {type(outputs).__name__} "
                             f"instead of a list of {len(jobs)} outputs"
                         )
-        except TimeoutError:
-            error: BaseException = TimeoutError(f"attempt exceeded {timeout:.3g}s")
-            await asyncio.gather(*(self._failed(j, error) for j in jobs))
-            return
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if isinstance(exc, TimeoutError):
+                exc = TimeoutError(f"attempt exceeded {timeout:.3g}s")
+            self._account(jobs, ctx, completed=False)  # a failed call may have spent tokens
             await asyncio.gather(*(self._failed(j, exc) for j in jobs))
             return
         self._account(jobs, ctx)
+        batched = self._batches is not None
         await asyncio.gather(
-            *(self._succeeded(j, o, ctx) for j, o in zip(jobs, outputs, strict=True))
+            *(
+                self._succeeded(j, o, _confidence(o) if batched else ctx.confidence, ctx)
+                for j, o in zip(jobs, outputs, strict=True)
+            )
         )
 
-    def _account(self, jobs: list[Job], ctx: Context) -> None:
-        """Usage of one call, split over the tasks it served."""
+    def _account(self, jobs: list[Job], ctx: Context, completed: bool = True) -> None:
+        """Usage of one call (tasks count only when the call completed)."""
         cost = ctx.cost
         llm = self.spec.handler.llm
         if not cost and llm is not None and llm.pricing is not None:
@@ -474,11 +477,13 @@ class Worker:
         self.metrics.output_tokens.inc(ctx.output_tokens)
         self.metrics.cost.inc(float(cost))
         if self.ledger is not None:
-            self.ledger.add(len(jobs), ctx.tokens, cost)
+            self.ledger.add(len(jobs) if completed else 0, ctx.tokens, cost)
         if self.token_limiter is not None and ctx.tokens:
             self._background.append(asyncio.create_task(self.token_limiter.add(ctx.tokens)))
 
-    async def _succeeded(self, job: Job, output: Any, ctx: Context) -> None:
+    async def _succeeded(
+        self, job: Job, output: Any, confidence: float | None, ctx: Context
+    ) -> None:
         if problem := _violation(self.output_schema, output):
             await self._failed(
                 job, OutputViolationError(f"output violates the contract: {problem}")
@@ -488,16 +493,16 @@ class Worker:
         esc = self.spec.escalation
         if (
             esc is not None
-            and ctx.confidence is not None
-            and ctx.confidence < esc.confidence_below
+            and confidence is not None
+            and confidence < esc.confidence_below
             and esc.agent not in job.ctx.path
         ):
-            detail = f"confidence {ctx.confidence:.2f} < {esc.confidence_below}"
+            detail = f"confidence {confidence:.2f} < {esc.confidence_below}"
             await self._forward(job, esc.agent, "escalation", detail)
             return
         if self.cache is not None:
             await self.cache.put(job.task.input, output)
-        await self._succeed(job, output, confidence=ctx.confidence, ctx=ctx)
+        await self._succeed(job, output, confidence=confidence, ctx=ctx)
 
     async def _failed(self, job: Job, error: BaseException) -> None:
         reason: env.DeadLetterReason = "HandlerError"
@@ -609,6 +614,7 @@ class Worker:
             status="Succeeded",
             output=output,
             path=(*(h.agent for h in task.path), self.agent),
+            hops=task.path,
             attempts=job.attempts,
             confidence=confidence,
             cached=cached,
@@ -646,6 +652,7 @@ class Worker:
                 reason=reason,
                 message=record.message,
                 path=(*(h.agent for h in task.path), self.agent),
+                hops=task.path,
                 attempts=attempts,
                 run=task.run,
                 step=task.step,
@@ -704,6 +711,14 @@ class Worker:
             for msg, _ in list(self._inflight.values()):
                 with contextlib.suppress(Exception):
                     await msg.in_progress()
+
+
+def _confidence(output: Any) -> float | None:
+    """A batch shares one context, so each output may carry its own ``confidence``."""
+    value = output.get("confidence") if isinstance(output, dict) else None
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1:
+        return float(value)
+    return None
 
 
 class OutputViolationError(Exception):

@@ -127,6 +127,8 @@ class Result(WireModel):
     message: str | None = None
     path: tuple[str, ...] = ()
     """Every Agent the task went through, in order, the producer last."""
+    hops: tuple[Hop, ...] = ()
+    """Why the task was passed on at each step of ``path`` before the producer."""
     attempts: int = 1
     confidence: float | None = None
     cached: bool = False

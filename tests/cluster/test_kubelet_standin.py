@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -26,6 +26,8 @@ from shoal_testbed import kubelet
 from shoal_testbed.binaries import control_plane_bin
 from shoal_testbed.cluster import LocalCluster
 from shoal_testbed.fixtures import REPO, Testbed, eventually
+
+T = TypeVar("T")
 
 # Exits 0 on SIGTERM (as the runtime does once drained), unless told to ignore it.
 SLEEPER = [
@@ -73,14 +75,21 @@ class StandIn:
             self.proc = subprocess.Popen(
                 argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
-        eventually(
+        self.eventually(
             lambda: self.proc.poll() is None and (state_dir / kubelet.STATUS_FILE).exists(),
             30,
-            what=f"the stand-in to list pods; log:\n{self.log()}",
+            what="the stand-in to list pods",
         )
 
     def pods(self) -> dict[str, dict[str, Any]]:
         return kubelet.read_status(self.dir)
+
+    def eventually(self, fn: Callable[[], T | None], timeout: float, what: str) -> T:
+        """``eventually``, with the stand-in's log as it is when the deadline passes."""
+        try:
+            return eventually(fn, timeout, what=what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nstand-in log:\n{self.log()}") from None
 
     def log(self) -> str:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
@@ -208,10 +217,10 @@ def test_runs_a_process_per_pod_with_the_env_a_kubelet_would_build(
     env_from = [{"configMapRef": {"name": "settings"}, "prefix": "CM_"}]
     testbed.apply(agent_deployment("x", 2, env, envFrom=env_from), namespace)
 
-    pods = eventually(
+    pods = standin.eventually(
         lambda: runs_exactly(standin, testbed, namespace, "x", 2),
         60,
-        what=f"a process for each of 2 pods; stand-in log:\n{standin.log()}",
+        what="a process for each of 2 pods",
     )
     ports: list[int] = []
     for key, info in pods.items():
@@ -253,10 +262,10 @@ def test_runs_a_process_per_pod_with_the_env_a_kubelet_would_build(
         assert not any(k.startswith(f"{namespace}/") for k in testbed.standin_pods())
 
     testbed.kubectl("scale", "deployment", "x", "-n", namespace, "--replicas=1")
-    after = eventually(
+    after = standin.eventually(
         lambda: runs_exactly(standin, testbed, namespace, "x", 1),
         60,
-        what=f"one process left; stand-in log:\n{standin.log()}",
+        what="one process left",
     )
     (gone,) = set(pods) - set(after)
     assert not runs(pods[gone]["pid"], gone)
@@ -266,10 +275,10 @@ def test_runs_a_process_per_pod_with_the_env_a_kubelet_would_build(
     assert after[kept]["pid"] == pods[kept]["pid"]
 
     testbed.kubectl("scale", "deployment", "x", "-n", namespace, "--replicas=0")
-    eventually(
+    standin.eventually(
         lambda: standin.pods() == {} and not runs(pods[kept]["pid"], kept),
         60,
-        what=f"no processes; stand-in log:\n{standin.log()}",
+        what="no processes",
     )
 
 
@@ -279,10 +288,10 @@ def test_missing_secret_holds_the_process_back_until_it_exists(
     env = [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "later", "key": "token"}}}]
     testbed.apply(agent_deployment("y", 1, env), namespace)
     (key,) = eventually(lambda: live_pods(testbed, namespace, "y"), 60, what="a bound pod")
-    eventually(
+    standin.eventually(
         lambda: f"{key}: not started: Secret {namespace}/later not found" in standin.log(),
         30,
-        what=f"the reason in the log:\n{standin.log()}",
+        what="the reason in the log",
     )
     assert key not in standin.pods()
 
@@ -295,10 +304,10 @@ def test_missing_secret_holds_the_process_back_until_it_exists(
         },
         namespace,
     )
-    pods = eventually(
+    pods = standin.eventually(
         lambda: runs_exactly(standin, testbed, namespace, "y", 1),
         30,
-        what=f"the process, once the Secret exists; log:\n{standin.log()}",
+        what="the process, once the Secret exists",
     )
     assert environ(pods[key]["pid"])["TOKEN"] == "t"
 
@@ -307,7 +316,7 @@ def test_a_process_that_exits_is_restarted_with_growing_backoff(
     testbed: Testbed, namespace: str, standin: StandIn
 ) -> None:
     testbed.apply(agent_deployment("z", 1, []), namespace)
-    pods = eventually(
+    pods = standin.eventually(
         lambda: runs_exactly(standin, testbed, namespace, "z", 1), 60, what="a process"
     )
     (key,) = pods
@@ -320,7 +329,7 @@ def test_a_process_that_exits_is_restarted_with_growing_backoff(
             now = runs_exactly(standin, testbed, namespace, "z", 1)
             return now if now and now[key]["pid"] != pid else None
 
-        pods = eventually(replaced, 30, what=f"restart {restart}; log:\n{standin.log()}")
+        pods = standin.eventually(replaced, 30, what=f"restart {restart}")
         assert pods[key]["restarts"] == restart
         assert pods[key]["health_port"] == port
         log = standin.log()
@@ -333,13 +342,13 @@ def test_a_deleted_pod_gets_sigterm_then_sigkill_after_its_grace_period(
 ) -> None:
     env = [{"name": "IGNORE_SIGTERM", "value": "1"}]
     testbed.apply(agent_deployment("stubborn", 1, env, grace=3), namespace)
-    pods = eventually(
+    pods = standin.eventually(
         lambda: runs_exactly(standin, testbed, namespace, "stubborn", 1), 60, what="a process"
     )
     ((key, info),) = pods.items()
     deleted = time.monotonic()
     testbed.kubectl("delete", "deployment", "stubborn", "-n", namespace, "--wait=false")
-    eventually(lambda: not runs(info["pid"], key), 30, what=f"pid gone; log:\n{standin.log()}")
+    standin.eventually(lambda: not runs(info["pid"], key), 30, what="pid gone")
     assert time.monotonic() - deleted >= 3, "killed before its grace period ended"
     # Whether the stand-in saw the deletionTimestamp before kwok removed the pod is a race.
     assert re.search(
@@ -347,7 +356,7 @@ def test_a_deleted_pod_gets_sigterm_then_sigkill_after_its_grace_period(
         standin.log(),
     ), standin.log()
     assert f"{key}: pid {info['pid']} still running after 3s; SIGKILL" in standin.log()
-    eventually(lambda: standin.pods() == {}, 10, what="an empty standin.json")
+    standin.eventually(lambda: standin.pods() == {}, 10, what="an empty standin.json")
 
 
 def test_pods_beyond_the_cap_wait_for_a_free_slot(
@@ -368,13 +377,15 @@ def test_pods_beyond_the_cap_wait_for_a_free_slot(
             return next(iter(pods)), waiting[0]
         return None
 
-    running, _ = eventually(one_running_one_waiting, 30, what=standin.log())
+    running, _ = standin.eventually(
+        one_running_one_waiting, 30, what="one pod running, one waiting"
+    )
     pid = standin.pods()[running]["pid"]
     testbed.kubectl("delete", "pod", running.split("/")[1], "-n", namespace, "--wait=false")
-    after = eventually(
+    after = standin.eventually(
         lambda: p if len(p := standin.pods()) == 1 and running not in p else None,
         30,
-        what=f"the waiting pod started; log:\n{standin.log()}",
+        what="the waiting pod started",
     )
     assert not runs(pid, running)
     assert set(after) <= live_pods(testbed, namespace, "capped")
@@ -385,7 +396,7 @@ def test_stopping_the_standin_stops_its_processes(
     testbed: Testbed, namespace: str, standin: StandIn
 ) -> None:
     testbed.apply(agent_deployment("w", 2, []), namespace)
-    pods = eventually(
+    pods = standin.eventually(
         lambda: runs_exactly(standin, testbed, namespace, "w", 2), 60, what="2 processes"
     )
     assert standin.stop() == 0, standin.log()

@@ -529,6 +529,14 @@ def test_dlq_replay_does_not_touch_other_namespaces(url: str) -> None:
             "dead-lettered by echo: Timeout: took 30s",
         ),
         ({"agent": "big", "path": ()}, "succeeded: served by big after echo passed it on"),
+        (
+            {
+                "agent": "large",
+                "path": ("echo", "large"),
+                "hops": (Hop(agent="echo", reason="escalation", detail="confidence 0.20 < 0.6"),),
+            },
+            "succeeded: served by large after escalation from echo (confidence 0.20 < 0.6)",
+        ),
     ],
 )
 def test_describe(fields: dict[str, Any], expected: str) -> None:
