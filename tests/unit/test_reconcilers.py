@@ -269,6 +269,16 @@ def test_missing_fallback_makes_the_agent_not_ready() -> None:
     assert events == [EventSpec("Warning", "FallbackNotFound", ready["message"])]
 
 
+def test_an_invalid_contract_schema_degrades_the_agent() -> None:
+    spec = agent_spec(contract={"input": {"type": "object", "properties": {"x": {"type": 5}}}})
+    status, events = agent_status(spec)
+    ready = cond(status, "Ready")
+    assert ready["reason"] == "InvalidContract"
+    assert "spec.contract.input is not a valid JSON Schema at properties/x/type" in ready["message"]
+    assert cond(status, "Degraded")["status"] == "True"
+    assert events[0].reason == "InvalidContract"
+
+
 def test_existing_fallback_and_escalation_are_fine() -> None:
     spec = agent_spec(fallback={"agent": "small"}, escalation={"agent": "large"})
     obs = observed(deployment(), agents=frozenset({"triage", "small", "large"}))

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+import jsonschema
+
 from shoal_api.agent import AgentSpec
 from shoal_api.runtime_state import CircuitRecord, UsageRecord
 from shoal_operator.builders import deployment as dep
@@ -44,8 +46,27 @@ class AgentPlan:
     delete: list[tuple[str, str]] = field(default_factory=list)
 
 
-def references(namespace: str, spec: AgentSpec, agents: frozenset[str]) -> list[Problem]:
+def contract_problems(spec: AgentSpec) -> list[Problem]:
+    """JSON Schemas the runtime could not compile (it would crash-loop on them)."""
     out = []
+    for side, schema in (("input", spec.contract.input), ("output", spec.contract.output)):
+        if schema is None:
+            continue
+        try:
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
+            out.append(
+                Problem(
+                    "InvalidContract",
+                    f"spec.contract.{side} is not a valid JSON Schema at {where}: {exc.message}",
+                )
+            )
+    return out
+
+
+def references(namespace: str, spec: AgentSpec, agents: frozenset[str]) -> list[Problem]:
+    out = contract_problems(spec)
     if spec.fallback is not None and spec.fallback.agent not in agents:
         out.append(
             Problem(
