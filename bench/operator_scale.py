@@ -293,7 +293,7 @@ def with_cluster(
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
         cluster = LocalCluster(Path(tmp) / "cluster")
-        cluster.up()
+        cluster.up(kubelet=False)
         os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
         kubectl = [str(cluster_kubectl()), f"--kubeconfig={cluster.kubeconfig}"]
         subprocess.run(
