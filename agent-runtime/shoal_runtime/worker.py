@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -27,7 +28,6 @@ import jsonschema
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import NotFoundError
 
 from shoal_api import envelope as env
@@ -48,6 +48,7 @@ from shoal_runtime.shared import (
     open_buckets,
     wall_clock,
 )
+from shoal_runtime.stream import AckedPublisher, Puller
 
 log = logging.getLogger("shoal.runtime")
 
@@ -125,6 +126,7 @@ class Worker:
         self._inflight: dict[int, tuple[Msg, asyncio.Task[None]]] = {}
         self._slot = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
+        self._spawned: set[asyncio.Task[Any]] = set()
         self._batches: asyncio.Queue[Job] | None = None
         self.nc: Client | None = None
         self.circuit: CircuitSync | None = None
@@ -161,11 +163,12 @@ class Worker:
             connect_timeout=5,
         )
         self.js = self.nc.jetstream(timeout=10)
-        self.sub = await self.js.pull_subscribe_bind(
-            durable=nl.consumer_name(self.ns, self.agent),
-            stream=nl.TASKS_STREAM,
-            pending_msgs_limit=FETCH_MAX * 4,
+        self.publisher = AckedPublisher(self.nc)
+        await self.publisher.start()
+        self.puller = Puller(
+            self.nc, nl.TASKS_STREAM, nl.consumer_name(self.ns, self.agent), self._accept
         )
+        await self.puller.start()
         kv = await open_buckets(self.js)
         key = nl.agent_key(self.ns, self.agent)
         if self.breaker is not None:
@@ -234,11 +237,17 @@ class Worker:
         if self.nc is not None and not self.nc.is_closed:
             # Flush (our acks reach the server) then close; nats-py's drain() waits for
             # every subscription, the KV watchers' included, and can stall on them.
-            with contextlib.suppress(Exception):
-                await self.sub.unsubscribe()
+            await self.puller.stop()
+            await self.publisher.stop()
             with contextlib.suppress(Exception):
                 await self.nc.flush(timeout=5)
             await self.nc.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Fire-and-forget work that must not be garbage-collected before it ends."""
+        task = asyncio.create_task(coro)
+        self._spawned.add(task)
+        task.add_done_callback(self._spawned.discard)
 
     @property
     def alive(self) -> bool:
@@ -260,15 +269,22 @@ class Worker:
                 await asyncio.sleep(min(wait, FETCH_WAIT))
                 continue
             try:
-                msgs = await self.sub.fetch(batch=min(free, FETCH_MAX), timeout=FETCH_WAIT)
-            except (NatsTimeoutError, TimeoutError):
-                continue
+                await self.puller.pull(min(free, FETCH_MAX))
             except Exception as exc:  # connection trouble: nats-py reconnects underneath
-                log.warning("fetch failed (%s); retrying", exc)
+                log.warning("pull request failed (%s); retrying", exc)
                 await asyncio.sleep(0.5)
                 continue
-            for msg in msgs:
-                self._inflight[id(msg)] = (msg, asyncio.create_task(self._serve(msg)))
+            if self.puller.last_status.startswith("409"):
+                log.warning("consumer refused the pull: %s", self.puller.last_status)
+                self.puller.last_status = ""
+                await asyncio.sleep(FETCH_WAIT)
+
+    def _accept(self, msg: Msg) -> None:
+        if self.stopping:
+            # Delivered after fetching stopped: straight back to the queue.
+            self._spawn(msg.nak())
+            return
+        self._inflight[id(msg)] = (msg, asyncio.create_task(self._serve(msg)))
 
     def _gate(self) -> float:
         """Seconds to pause fetching: an open circuit without fallback keeps tasks queued
@@ -451,15 +467,13 @@ class Worker:
             if isinstance(exc, TimeoutError):
                 exc = TimeoutError(f"attempt exceeded {timeout:.3g}s")
             self._account(jobs, ctx, completed=False)  # a failed call may have spent tokens
-            await asyncio.gather(*(self._failed(j, exc) for j in jobs))
+            await _each(self._failed(j, exc) for j in jobs)
             return
         self._account(jobs, ctx)
         batched = self._batches is not None
-        await asyncio.gather(
-            *(
-                self._succeeded(j, o, _confidence(o) if batched else ctx.confidence, ctx)
-                for j, o in zip(jobs, outputs, strict=True)
-            )
+        await _each(
+            self._succeeded(j, o, _confidence(o) if batched else ctx.confidence, ctx)
+            for j, o in zip(jobs, outputs, strict=True)
         )
 
     def _account(self, jobs: list[Job], ctx: Context, completed: bool = True) -> None:
@@ -473,13 +487,15 @@ class Worker:
                 + Decimal(ctx.output_tokens) * p.output_per_1k_tokens
             ) / 1000
         ctx.cost = cost
-        self.metrics.input_tokens.inc(ctx.input_tokens)
-        self.metrics.output_tokens.inc(ctx.output_tokens)
-        self.metrics.cost.inc(float(cost))
+        if ctx.tokens:
+            self.metrics.input_tokens.inc(ctx.input_tokens)
+            self.metrics.output_tokens.inc(ctx.output_tokens)
+            if self.token_limiter is not None:
+                self._spawn(self.token_limiter.add(ctx.tokens))
+        if cost:
+            self.metrics.cost.inc(float(cost))
         if self.ledger is not None:
             self.ledger.add(len(jobs) if completed else 0, ctx.tokens, cost)
-        if self.token_limiter is not None and ctx.tokens:
-            self._background.append(asyncio.create_task(self.token_limiter.add(ctx.tokens)))
 
     async def _succeeded(
         self, job: Job, output: Any, confidence: float | None, ctx: Context
@@ -571,7 +587,7 @@ class Worker:
                     batch.append(await asyncio.wait_for(self._batches.get(), left))
                 except TimeoutError:
                     break
-            self._background.append(asyncio.create_task(self._run_batch(batch)))
+            self._spawn(self._run_batch(batch))
 
     async def _run_batch(self, batch: list[Job]) -> None:
         error: BaseException | None = None
@@ -687,7 +703,7 @@ class Worker:
         self.metrics.outcome["forwarded"].inc()
 
     async def _publish(self, subject: str, record: env.WireModel, msg_id: str) -> None:
-        await self.js.publish(subject, record.to_json(), headers={env.MSG_ID_HEADER: msg_id})
+        await self.publisher.publish(subject, record.to_json(), {env.MSG_ID_HEADER: msg_id})
 
     async def _already_recorded(self, task: env.Task) -> bool:
         try:
@@ -711,6 +727,16 @@ class Worker:
             for msg, _ in list(self._inflight.values()):
                 with contextlib.suppress(Exception):
                     await msg.in_progress()
+
+
+async def _each(coros: Iterable[Coroutine[Any, Any, None]]) -> None:
+    """Awaits them concurrently; a single one directly (``gather`` would wrap it in a
+    Task, and without batching there is always exactly one)."""
+    pending = list(coros)
+    if len(pending) == 1:
+        await pending[0]
+    else:
+        await asyncio.gather(*pending)
 
 
 def _confidence(output: Any) -> float | None:

@@ -136,3 +136,24 @@ def test_a_redelivered_task_with_a_result_is_acknowledged_without_running(
         await nc.close()
 
     asyncio.run(main())
+
+
+def test_the_runtime_keeps_serving_across_a_nats_server_restart(nats_server: NatsServer) -> None:
+    spec = {"handler": {"python": "tests.runtime.handlers:echo"}}
+
+    async def main() -> None:
+        await declare(nats_server.url, "echo", spec)
+        async with running(nats_server.url, "echo", spec):
+            nc, js = await connect(nats_server.url)
+            before = await submit(js, "echo", {"n": 1})
+            await result_map(js, 1)
+            await nc.close()
+            await asyncio.to_thread(nats_server.restart)
+            nc, js = await connect(nats_server.url)
+            after = await submit(js, "echo", {"n": 2})
+            got = await result_map(js, 2, within=30)
+        assert got[before.id].output == {"n": 1}
+        assert got[after.id].output == {"n": 2}
+        await nc.close()
+
+    asyncio.run(main())
