@@ -70,6 +70,10 @@ class Breaker:
             return "probe", transition
         return "call", transition
 
+    def release_probe(self) -> None:
+        """A probe admitted by :meth:`allow` ended without an outcome (handed back)."""
+        self.probes_in_flight = max(0, self.probes_in_flight - 1)
+
     def reopen_at(self) -> float | None:
         """When an Open circuit starts probing (None unless Open)."""
         return self.since + self.config.open_seconds if self.state == "Open" else None

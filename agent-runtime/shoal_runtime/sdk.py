@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+HANDLER_LOG = logging.getLogger("shoal.handler")
 Handler = Callable[[Any, "Context"], Any | Awaitable[Any]]
 
 
@@ -60,13 +61,22 @@ class Context:
     step: str | None = None
     path: tuple[str, ...] = ()
     trace: dict[str, str] = field(default_factory=dict)
-    log: logging.LoggerAdapter[logging.Logger] = field(
-        default_factory=lambda: logging.LoggerAdapter(logging.getLogger("shoal.handler"))
-    )
     confidence: float | None = None
     input_tokens: int = 0
     output_tokens: int = 0
     cost: Decimal = Decimal("0")
+
+    _log: logging.LoggerAdapter[logging.Logger] | None = field(default=None, repr=False)
+
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger whose records carry the task id and Agent (made on first use: most
+        handlers never log, and the runtime is built to spend microseconds per task)."""
+        if self._log is None:
+            self._log = logging.LoggerAdapter(
+                HANDLER_LOG, {"task": self.task_id, "agent": self.agent}
+            )
+        return self._log
 
     def report_confidence(self, value: float) -> None:
         """How sure the handler is of its result, in [0, 1] (drives escalation)."""

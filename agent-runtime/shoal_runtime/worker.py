@@ -71,6 +71,7 @@ class Job:
     started: float
     ctx: Context
     probe: bool = False
+    """Admitted as a half-open probe; cleared once its outcome is counted."""
     output: Any = None
     error: BaseException | None = None
     tokens: tuple[int, int] = (0, 0)
@@ -127,6 +128,10 @@ class Worker:
         self._slot = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         self._spawned: set[asyncio.Task[Any]] = set()
+        self._pending = 0  # the consumer's pending count as of the last delivery
+        # Read at scrape time rather than updated per task.
+        self.metrics.in_flight.set_function(lambda: len(self._inflight))
+        self.metrics.queue_lag.set_function(lambda: self._pending + len(self._inflight))
         self._batches: asyncio.Queue[Job] | None = None
         self.nc: Client | None = None
         self.circuit: CircuitSync | None = None
@@ -300,8 +305,8 @@ class Worker:
     # -- one task ----------------------------------------------------------------------
 
     async def _serve(self, msg: Msg) -> None:
-        self.metrics.in_flight.inc()
         started = time.monotonic()
+        job: Job | None = None
         try:
             job = await self._prepare(msg)
             if self._batches is not None:
@@ -322,8 +327,9 @@ class Worker:
             with contextlib.suppress(Exception):
                 await msg.nak(delay=self.delays[0])
         finally:
+            if job is not None and job.probe and self.breaker is not None:
+                self.breaker.release_probe()  # its slot must not stay taken
             self.metrics.observe(time.monotonic() - started)
-            self.metrics.in_flight.dec()
             self._inflight.pop(id(msg), None)
             self._slot.set()
 
@@ -331,7 +337,7 @@ class Worker:
         """Everything before the handler; raises :class:`DisposedError` when the task is done."""
         meta = msg.metadata
         delivered = meta.num_delivered or 1
-        self.metrics.queue_lag.set((meta.num_pending or 0) + len(self._inflight))
+        self._pending = meta.num_pending or 0
         try:
             task = env.parse_task(msg.data)
         except env.EnvelopeError as exc:
@@ -372,11 +378,11 @@ class Worker:
                 raise DisposedError
             self.metrics.cache_misses.inc()
         await self._check_budget(job)
-        await self._admit(job)
         if self.task_limiter is not None:
             await self.task_limiter.acquire()
         if self.token_limiter is not None:
             await self.token_limiter.wait()
+        await self._admit(job)  # last: nothing may come between a probe's admission and run
         return job
 
     def _context(self, task: env.Task, delivered: int) -> Context:
@@ -391,9 +397,6 @@ class Worker:
             step=task.step,
             path=tuple(h.agent for h in task.path),
             trace=dict(task.trace),
-            log=logging.LoggerAdapter(
-                logging.getLogger("shoal.handler"), {"task": task.id, "agent": self.agent}
-            ),
         )
 
     async def _admit(self, job: Job) -> None:
@@ -550,7 +553,8 @@ class Worker:
 
     async def _record(self, job: Job, ok: bool) -> None:
         if self.breaker is not None:
-            await self._share(self.breaker.record(self.clock(), ok, job.probe))
+            probe, job.probe = job.probe, False
+            await self._share(self.breaker.record(self.clock(), ok, probe))
 
     async def _share(self, transition: Transition | None) -> None:
         if transition is None:
@@ -624,7 +628,8 @@ class Worker:
                 output_tokens=ctx.output_tokens,
                 cost=str(ctx.cost),
             )
-        result = env.Result(
+        # Every field comes from a validated task or from us: skip re-validating.
+        result = env.Result.model_construct(
             id=task.id,
             agent=self.agent,
             status="Succeeded",

@@ -32,7 +32,7 @@ def _spec(**over: object) -> dict[str, object]:
     return {
         "handler": {"python": "tests.runtime.handlers:record"},
         "concurrency": 64,
-        "timeoutSeconds": 10,
+        "timeoutSeconds": 1,
         **over,
     }
 
