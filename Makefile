@@ -94,13 +94,21 @@ bench: dev ## Benchmarks (fresh local test beds); writes bench/results/*.json an
 	$(PY) bench/runtime_throughput.py
 
 .PHONY: demo
-demo: operator-up ## Start the local cluster and the operator, apply the examples, show them Ready
+demo: operator-up ## Start the local cluster and the operator, apply the examples, submit tasks to them
 	$(KUBECTL) create namespace support --dry-run=client -o yaml | $(KUBECTL) apply -f -
 	$(KUBECTL) apply -n support -R -f examples/
 	$(KUBECTL) wait -n support --for=condition=Ready --timeout=90s agents --all
 	$(KUBECTL) wait -n support --for=condition=Ready --timeout=60s scalingpolicies --all
 	$(KUBECTL) wait -n support --for=condition=Ready --timeout=60s workflows --all
 	$(KUBECTL) get shoal,deployments,hpa -n support
+	@echo "[shoal] tasks through the runtimes (each pod runs as a local process: see 'Runtime pods on the local cluster')"
+	SHOAL_NATS_URL=$$(cat $(CLUSTER_DIR)/nats-url) $(VENV)/bin/shoal submit triage -n support --wait --timeout 90 \
+	  --input '{"text": "I was charged twice on my last invoice"}'
+	SHOAL_NATS_URL=$$(cat $(CLUSTER_DIR)/nats-url) $(VENV)/bin/shoal submit triage -n support --wait --timeout 90 \
+	  --input '{"text": "Hello, I have a question"}'
+	SHOAL_NATS_URL=$$(cat $(CLUSTER_DIR)/nats-url) $(VENV)/bin/shoal submit triage -n support --wait --timeout 90 \
+	  --input '{"message": "no text field"}' || echo "[shoal] (exit $$?: dead-lettered, as the contract requires a text field)"
+	SHOAL_NATS_URL=$$(cat $(CLUSTER_DIR)/nats-url) $(VENV)/bin/shoal dlq list -n support
 	@echo "[shoal] the local cluster and operator keep running: KUBECONFIG=$(KUBECONFIG_LOCAL); 'make cluster-down' stops both"
 
 .PHONY: test
