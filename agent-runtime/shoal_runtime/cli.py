@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -83,7 +84,8 @@ NamespaceOpt = Annotated[
 
 # Informational lines go to stderr so that stdout carries only what a script consumes.
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
+# Piped output (scripts, CI logs, `make demo`) gets whole lines, like kubectl's tables.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 
 def _fail(code: Exit, message: str) -> NoReturn:
@@ -162,7 +164,8 @@ def describe(result: Result, submitted_to: str) -> str:
         if not via and result.agent != submitted_to:
             via = [submitted_to]
         after = f" after {' -> '.join(via)} passed it on" if via else ""
-    tries = f" in {result.attempts} attempts" if result.attempts > 1 else ""
+    # Each Agent on the path spent at least one attempt; more than that were retries.
+    tries = f" in {result.attempts} attempts" if result.attempts > max(1, len(result.path)) else ""
     if result.status == "Succeeded":
         how = "cached result of" if result.cached else "served by"
         return f"succeeded: {how} {result.agent}{after}{tries}"

@@ -269,6 +269,15 @@ def test_missing_fallback_makes_the_agent_not_ready() -> None:
     assert events == [EventSpec("Warning", "FallbackNotFound", ready["message"])]
 
 
+def test_a_breaker_nobody_moved_yet_shows_closed_without_an_event() -> None:
+    spec = agent_spec(circuitBreaker={})
+    status, events = agent_status(spec)
+    assert status["circuit"] == {"state": "Closed", "since": "", "failureRatePercent": 0.0}
+    assert not [e for e in events if e.reason.startswith("Circuit")]
+    status, _ = agent_status(agent_spec())
+    assert "circuit" not in status
+
+
 def test_an_invalid_contract_schema_degrades_the_agent() -> None:
     spec = agent_spec(contract={"input": {"type": "object", "properties": {"x": {"type": 5}}}})
     status, events = agent_status(spec)

@@ -182,6 +182,9 @@ def status(
         events += circuit_events(current.get("circuit"), new["circuit"], observed.circuit)
     elif "circuit" in current:
         new["circuit"] = current["circuit"]
+    elif spec.circuit_breaker is not None:
+        # No runtime has moved the circuit yet: it is closed (and the column says so).
+        new["circuit"] = circuit_status(CircuitRecord())
     if observed.usage is not None:
         new["usage"] = usage_status(observed.usage, unix_now)
     elif "usage" in current:
