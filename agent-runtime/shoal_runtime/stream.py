@@ -162,3 +162,15 @@ class Puller:
         self._left -= 1
         if self._left <= 0:
             self._done.set()
+
+
+def delivery(msg: Msg) -> tuple[int, int]:
+    """(times delivered, messages pending) from a JetStream message's reply subject.
+
+    The common v1 form is split here directly; nats-py's ``metadata`` builds dataclasses
+    and a datetime for every message, which shows on a no-op task's profile."""
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        return int(tokens[4]), int(tokens[8])
+    meta = msg.metadata
+    return meta.num_delivered or 1, meta.num_pending or 0

@@ -48,7 +48,7 @@ from shoal_runtime.shared import (
     open_buckets,
     wall_clock,
 )
-from shoal_runtime.stream import AckedPublisher, Puller
+from shoal_runtime.stream import AckedPublisher, Puller, delivery
 
 log = logging.getLogger("shoal.runtime")
 
@@ -335,9 +335,7 @@ class Worker:
 
     async def _prepare(self, msg: Msg) -> Job:
         """Everything before the handler; raises :class:`DisposedError` when the task is done."""
-        meta = msg.metadata
-        delivered = meta.num_delivered or 1
-        self._pending = meta.num_pending or 0
+        delivered, self._pending = delivery(msg)
         try:
             task = env.parse_task(msg.data)
         except env.EnvelopeError as exc:
