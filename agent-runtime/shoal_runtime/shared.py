@@ -193,6 +193,8 @@ class TokenRateLimiter:
         self.limit = per_minute
         self.shared = SharedWindow(kv, key, 60.0, clock)
         self._seen = (-1, 0)  # (window, count) last read from KV
+        self._unsynced = 0  # counted here, not yet added to the shared window
+        self._lock = asyncio.Lock()
 
     async def wait(self) -> None:
         while True:
@@ -200,15 +202,24 @@ class TokenRateLimiter:
             if self._seen[0] != w:
                 _, used = await self.shared.add(0)
                 self._seen = (w, used)
-            if self._seen[1] < self.limit:
+            if self._seen[1] + self._unsynced < self.limit:
                 return
             await asyncio.sleep(min(self.shared.seconds_left() + 0.001, 1.0))
             self._seen = (-1, 0)
 
-    async def add(self, tokens: int) -> None:
-        if tokens > 0:
-            _, used = await self.shared.add(tokens)
-            self._seen = (self.shared.current(), used)
+    def spend(self, tokens: int) -> None:
+        """Counts tokens at once, so the next :meth:`wait` here already sees them; the
+        shared window learns of them through :meth:`sync`."""
+        self._unsynced += max(0, tokens)
+
+    async def sync(self) -> None:
+        async with self._lock:  # one merge at a time, each of what is unsynced then
+            tokens = self._unsynced
+            if tokens > 0:
+                _, used = await self.shared.add(tokens)
+                # Both at once: in between, wait() would count these tokens twice or not.
+                self._unsynced -= tokens
+                self._seen = (self.shared.current(), used)
 
 
 class UsageLedger:

@@ -202,7 +202,11 @@ class Worker:
             self.cache = ResultCache(
                 kv[nl.CACHE_BUCKET], self.ns, self.agent, self.spec.cache.ttl_seconds, self.clock
             )
-        self._background.append(asyncio.create_task(self._heartbeats(), name="heartbeats"))
+        info = await self.js.consumer_info(nl.TASKS_STREAM, nl.consumer_name(self.ns, self.agent))
+        waits = [w for w in (info.config.ack_wait, *(info.config.backoff or ())) if w]
+        # A third of the shortest ack wait the consumer really has, whoever declared it.
+        beat = max(0.2, min(10.0, min(waits, default=30.0) / 3))
+        self._background.append(asyncio.create_task(self._heartbeats(beat), name="heartbeats"))
         if self.spec.batching is not None:
             self._batches = asyncio.Queue()
             self._background.append(asyncio.create_task(self._batch_loop(), name="batches"))
@@ -492,7 +496,8 @@ class Worker:
             self.metrics.input_tokens.inc(ctx.input_tokens)
             self.metrics.output_tokens.inc(ctx.output_tokens)
             if self.token_limiter is not None:
-                self._spawn(self.token_limiter.add(ctx.tokens))
+                self.token_limiter.spend(ctx.tokens)
+                self._spawn(self.token_limiter.sync())
         if cost:
             self.metrics.cost.inc(float(cost))
         if self.ledger is not None:
@@ -722,9 +727,8 @@ class Worker:
 
     # -- heartbeats --------------------------------------------------------------------
 
-    async def _heartbeats(self) -> None:
+    async def _heartbeats(self, interval: float) -> None:
         """Progress acks for everything in flight, well inside the shortest ack wait."""
-        interval = max(1.0, min(10.0, (self.spec.timeout_seconds + 30) / 3))
         while True:
             await asyncio.sleep(interval)
             for msg, _ in list(self._inflight.values()):

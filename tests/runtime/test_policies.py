@@ -336,3 +336,30 @@ def test_llm_handler_retries_429_and_500_then_records_usage(nats_server: NatsSer
             await nc.close()
 
         asyncio.run(main())
+
+
+def test_tokens_per_minute_hold_tasks_until_the_next_minute(nats_server: NatsServer) -> None:
+    spec = {
+        "handler": {"python": "tests.runtime.handlers:spender"},
+        "concurrency": 1,
+        "rateLimit": {"tokensPerMinute": 250},
+    }
+    now = [6_000_000.0]  # a fake clock at the start of a minute
+
+    async def main() -> None:
+        await declare(nats_server.url, "tpm", spec)
+        nc, js = await connect(nats_server.url)
+        async with running(nats_server.url, "tpm", spec, clock=lambda: now[0]):
+            tasks = [await submit(js, "tpm", {"tokens": 100}) for _ in range(4)]
+            await result_map(js, 3)
+            # 300 tokens spent in this minute: the fourth task waits (queued, not failed).
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                assert len(await results(js)) == 3
+                await asyncio.sleep(0.25)
+            now[0] += 60  # the next minute
+            got = await result_map(js, 4)
+        assert all(got[t.id].status == "Succeeded" for t in tasks)
+        await nc.close()
+
+    asyncio.run(main())

@@ -157,3 +157,31 @@ def test_the_runtime_keeps_serving_across_a_nats_server_restart(nats_server: Nat
         await nc.close()
 
     asyncio.run(main())
+
+
+def test_progress_heartbeats_keep_a_long_task_from_being_redelivered(
+    nats_server: NatsServer, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = tmp_path / "record"
+    monkeypatch.setenv("SHOAL_TEST_RECORD", str(record))
+    spec = {"handler": {"python": "tests.runtime.handlers:record"}, "timeoutSeconds": 30}
+
+    async def main() -> None:
+        await declare(nats_server.url, "long", spec)
+        nc, js = await connect(nats_server.url)
+        # A consumer whose ack wait (1.5 s) is far shorter than the task (5 s).
+        consumer = nl.consumer_name(NS, "long")
+        info = await js.consumer_info(nl.TASKS_STREAM, consumer)
+        config = info.config
+        config.ack_wait, config.backoff = 1.5, None
+        await js.add_consumer(nl.TASKS_STREAM, config)
+        async with running(nats_server.url, "long", spec):
+            task = await submit(js, "long", {"n": 1, "sleep": 5})
+            got = await result_map(js, 1, within=30)
+        assert got[task.id].attempts == 1
+        assert record.read_text().split() == [task.id]
+        info = await js.consumer_info(nl.TASKS_STREAM, consumer)
+        assert info.num_redelivered == 0
+        await nc.close()
+
+    asyncio.run(main())
