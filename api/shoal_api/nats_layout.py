@@ -11,7 +11,8 @@ every name below unambiguous.
 - workflow run submission: ``shoal.run.<ns>.<workflow>``
 - an Agent's durable consumer: ``<ns>_<agent>`` on ``SHOAL_TASKS``, filtered on its tasks
 - KV buckets ``shoal-circuit``, ``shoal-cache``, ``shoal-runs``, ``shoal-usage``, keyed
-  ``<ns>.<agent>[.<rest>]``
+  ``<ns>.<agent>[.<rest>]``; ``shoal-stats`` (entries expire after 30 s) holds each
+  runtime pod's live figures at ``<ns>.<agent>.<pod>``
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ CIRCUIT_BUCKET = "shoal-circuit"
 CACHE_BUCKET = "shoal-cache"
 RUNS_BUCKET = "shoal-runs"
 USAGE_BUCKET = "shoal-usage"
-BUCKETS = (CIRCUIT_BUCKET, CACHE_BUCKET, RUNS_BUCKET, USAGE_BUCKET)
+STATS_BUCKET = "shoal-stats"
+BUCKETS = (CIRCUIT_BUCKET, CACHE_BUCKET, RUNS_BUCKET, USAGE_BUCKET, STATS_BUCKET)
+# Entries expire on their own: a pod that stopped reporting stops counting.
+BUCKET_TTL_SECONDS = {STATS_BUCKET: 30}
 
 PRIORITIES = range(10)
 
@@ -75,3 +79,8 @@ def limiter_key(namespace: str, agent: str, kind: str) -> str:
     """A shared rate-limit window (``tasks`` per second, ``tokens`` per minute) in the
     usage bucket."""
     return f"{namespace}.{agent}.{kind}"
+
+
+def stats_key(namespace: str, agent: str, pod: str) -> str:
+    """A runtime pod's live figures (in flight, latency) in the stats bucket."""
+    return f"{namespace}.{agent}.{pod}"

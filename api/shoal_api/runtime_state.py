@@ -82,3 +82,18 @@ class UsageRecord(StateModel):
             tokens=cur.tokens + int(prev.tokens * weight),
             cost=(cur.cost + prev.cost * weight).quantize(Decimal("0.0001")),
         )
+
+
+class PodStats(StateModel):
+    """A runtime pod's live figures, put into ``shoal-stats`` / ``<ns>.<agent>.<pod>``
+    about once a second; the operator serves them as external metrics and keeps the
+    pod's deletion cost current from ``in_flight``."""
+
+    pod: str
+    in_flight: int = 0
+    p95_ms: float = 0.0
+    """p95 latency of the tasks finished in the last few seconds (0 when none)."""
+    completed: int = 0
+    """Tasks finished since the pod started (its rate is the pod's throughput)."""
+    at: float = 0.0
+    """Unix time of this report."""

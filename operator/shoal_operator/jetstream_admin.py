@@ -116,7 +116,9 @@ class JetStreamAdmin:
             try:
                 await self.js.key_value(bucket)
             except (NotFoundError, nats.js.errors.BucketNotFoundError):
-                await self.js.create_key_value(bucket=bucket, history=1)
+                await self.js.create_key_value(
+                    bucket=bucket, history=1, ttl=nl.BUCKET_TTL_SECONDS.get(bucket)
+                )
                 log.info("created KV bucket %s", bucket)
 
     async def ensure_consumer(self, desired: Mapping[str, Any]) -> dict[str, Any]:
@@ -168,7 +170,7 @@ class JetStreamAdmin:
             f"STREAM.PURGE.{nl.TASKS_STREAM}", {"filter": nl.agent_task_filter(namespace, agent)}
         )
         key = nl.agent_key(namespace, agent)
-        for bucket in (nl.CIRCUIT_BUCKET, nl.USAGE_BUCKET, nl.CACHE_BUCKET):
+        for bucket in (nl.CIRCUIT_BUCKET, nl.USAGE_BUCKET, nl.CACHE_BUCKET, nl.STATS_BUCKET):
             # Purge the exact key and everything below it (cache entries).
             for subject in (f"$KV.{bucket}.{key}", f"$KV.{bucket}.{key}.>"):
                 await self._request(f"STREAM.PURGE.KV_{bucket}", {"filter": subject})

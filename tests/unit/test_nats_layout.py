@@ -78,5 +78,11 @@ def test_agent_key() -> None:
 
 
 def test_buckets() -> None:
-    assert set(nl.BUCKETS) == {"shoal-circuit", "shoal-cache", "shoal-runs", "shoal-usage"}
+    assert set(nl.BUCKETS) == {
+        "shoal-circuit",
+        "shoal-cache",
+        "shoal-runs",
+        "shoal-usage",
+        "shoal-stats",
+    }
     assert len(nl.BUCKETS) == len(set(nl.BUCKETS))
