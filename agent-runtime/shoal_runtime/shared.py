@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -24,7 +25,7 @@ from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from shoal_api import nats_layout as nl
-from shoal_api.runtime_state import CircuitRecord, UsageRecord
+from shoal_api.runtime_state import CircuitRecord, PodStats, UsageRecord
 from shoal_runtime.breaker import Breaker, Transition
 
 log = logging.getLogger(__name__)
@@ -292,6 +293,60 @@ class UsageLedger:
                 raise
             except Exception as exc:
                 log.warning("usage not merged (%s); retrying", exc)
+
+
+class StatsReporter:
+    """This pod's live figures, put into the stats bucket every second: the operator
+    serves them to the HPA (p95 latency) and orders scale-in by them (in flight)."""
+
+    WINDOW_SECONDS = 10
+    SAMPLES_PER_SECOND = 2048  # enough for a p95, bounded at any task rate
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.completed = 0
+        self._now: list[float] = []
+        self._recent: deque[list[float]] = deque(maxlen=self.WINDOW_SECONDS)
+        self._task: asyncio.Task[None] | None = None
+
+    def finished(self, seconds: float) -> None:
+        self.completed += 1
+        if len(self._now) < self.SAMPLES_PER_SECOND:
+            self._now.append(seconds)
+
+    def p95_ms(self) -> float:
+        samples = sorted(x for second in (*self._recent, self._now) for x in second)
+        if not samples:
+            return 0.0
+        return round(samples[min(len(samples) - 1, int(len(samples) * 0.95))] * 1000, 3)
+
+    def start(self, kv: KeyValue, key: str, pod: str, in_flight: Callable[[], int]) -> None:
+        self._task = asyncio.create_task(self._loop(kv, key, pod, in_flight), name="stats")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self, kv: KeyValue, key: str, pod: str, in_flight: Callable[[], int]) -> None:
+        while True:
+            record = PodStats(
+                pod=pod,
+                in_flight=in_flight(),
+                p95_ms=self.p95_ms(),
+                completed=self.completed,
+                at=self.clock(),
+            )
+            self._recent.append(self._now)
+            self._now = []
+            try:
+                await kv.put(key, record.to_json())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("stats not reported (%s)", exc)
+            await asyncio.sleep(1.0)
 
 
 def canonical(value: Any) -> bytes:

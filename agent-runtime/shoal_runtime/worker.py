@@ -42,6 +42,7 @@ from shoal_runtime.shared import (
     CircuitSync,
     Clock,
     ResultCache,
+    StatsReporter,
     TaskRateLimiter,
     TokenRateLimiter,
     UsageLedger,
@@ -129,6 +130,7 @@ class Worker:
         self._background: list[asyncio.Task[None]] = []
         self._spawned: set[asyncio.Task[Any]] = set()
         self._pending = 0  # the consumer's pending count as of the last delivery
+        self.stats = StatsReporter(clock)
         # Read at scrape time rather than updated per task.
         self.metrics.in_flight.set_function(lambda: len(self._inflight))
         self.metrics.queue_lag.set_function(lambda: self._pending + len(self._inflight))
@@ -196,6 +198,12 @@ class Worker:
                 rate.tokens_per_minute,
                 self.clock,
             )
+        self.stats.start(
+            kv[nl.STATS_BUCKET],
+            nl.stats_key(self.ns, self.agent, s.pod_name),
+            s.pod_name,
+            lambda: len(self._inflight),
+        )
         self.ledger = UsageLedger(kv[nl.USAGE_BUCKET], key, self.clock)
         await self.ledger.start()
         if self.spec.cache is not None:
@@ -238,6 +246,7 @@ class Worker:
         for task in self._background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.stats.stop()
         if self.circuit is not None:
             await self.circuit.stop()
         if self.ledger is not None and self.nc is not None and self.nc.is_connected:
@@ -333,7 +342,9 @@ class Worker:
         finally:
             if job is not None and job.probe and self.breaker is not None:
                 self.breaker.release_probe()  # its slot must not stay taken
-            self.metrics.observe(time.monotonic() - started)
+            took = time.monotonic() - started
+            self.metrics.observe(took)
+            self.stats.finished(took)
             self._inflight.pop(id(msg), None)
             self._slot.set()
 

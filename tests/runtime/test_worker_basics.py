@@ -9,6 +9,7 @@ import pytest
 
 from shoal_api import envelope as env
 from shoal_api import nats_layout as nl
+from shoal_api.runtime_state import PodStats
 from shoal_testbed.fixtures import NatsServer
 from tests.runtime.support import (
     NS,
@@ -182,6 +183,38 @@ def test_progress_heartbeats_keep_a_long_task_from_being_redelivered(
         assert record.read_text().split() == [task.id]
         info = await js.consumer_info(nl.TASKS_STREAM, consumer)
         assert info.num_redelivered == 0
+        await nc.close()
+
+    asyncio.run(main())
+
+
+def test_the_runtime_reports_its_live_figures_to_the_stats_bucket(
+    nats_server: NatsServer,
+) -> None:
+    spec = {"handler": {"python": "tests.runtime.handlers:slow"}, "concurrency": 4}
+
+    async def main() -> None:
+        await declare(nats_server.url, "slow", spec)
+        nc, js = await connect(nats_server.url)
+        kv = await js.key_value(nl.STATS_BUCKET)
+
+        async def stats() -> PodStats | None:
+            entry = await kv.get(nl.stats_key(NS, "slow", "p0"))
+            return PodStats.model_validate_json(entry.value or b"")
+
+        async with running(nats_server.url, "slow", spec):
+            for _ in range(3):
+                await submit(js, "slow", {"sleep": 0.2})
+            await submit(js, "slow", {"sleep": 4})
+            await result_map(js, 3)
+
+            async def settled() -> PodStats | None:
+                s = await stats()
+                return s if s and s.completed == 3 and s.in_flight == 1 else None
+
+            reported = await until(settled, 10, "stats with 3 done, 1 in flight")
+            assert 150 <= reported.p95_ms <= 1000
+            assert reported.pod == "p0"
         await nc.close()
 
     asyncio.run(main())
