@@ -66,7 +66,7 @@ operator-up: install-crds ## Run the operator in the background (log: .cluster/l
 	@if test -f $(OPERATOR_PID) && grep -q shoal_operator /proc/$$(cat $(OPERATOR_PID))/cmdline 2>/dev/null; then \
 	  echo "[shoal] operator already running (pid $$(cat $(OPERATOR_PID)))"; \
 	else \
-	  $(OPERATOR_ENV) nohup $(PY) -m shoal_operator --liveness http://127.0.0.1:18080/healthz \
+	  $(OPERATOR_ENV) nohup $(PY) -m shoal_operator --liveness http://127.0.0.1:18080/healthz --register-apiservice local \
 	    > $(CLUSTER_DIR)/logs/operator.log 2>&1 & echo $$! > $(OPERATOR_PID); \
 	  echo "[shoal] operator started (pid $$(cat $(OPERATOR_PID)))"; \
 	fi
@@ -92,6 +92,7 @@ bench: dev ## Benchmarks (fresh local test beds); writes bench/results/*.json an
 	@bash hack/install-redis.sh >/dev/null
 	$(PY) bench/operator_scale.py
 	$(PY) bench/runtime_throughput.py
+	$(PY) bench/simulator.py
 
 .PHONY: demo
 demo: operator-up ## Start the local cluster and the operator, apply the examples, submit tasks to them

@@ -1,4 +1,5 @@
-"""The ``shoal`` command line: submit tasks, wait for results, list and replay dead letters.
+"""The ``shoal`` command line: submit tasks, wait for results, list and replay dead letters,
+replay a load trace through a ScalingPolicy (``shoal simulate``, offline).
 
 One typer app with a sub-app per noun (``shoal dlq ...``); verbs on tasks sit at the top
 (``shoal submit``). A later command is a function on ``app`` or a new sub-app added the
@@ -12,21 +13,28 @@ unreachable or Shoal's streams missing, 4 no result within ``--timeout``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import json
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import nats.errors
 import typer
+import yaml
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from shoal_api.autoscale import simulate as sim
+from shoal_api.autoscale.hpa_model import parse_behavior
+from shoal_api.autoscale.schedule import validate_window
 from shoal_api.envelope import DeadLetter, Result, Task, new_task_id, to_dict
+from shoal_api.scaling import ScalingPolicySpec
 from shoal_runtime.client import (
     URL_ENV,
     ReplayReport,
@@ -334,6 +342,192 @@ def dlq_replay(
     for skipped in report.skipped:
         typer.echo(f"skipped {skipped.seq}: {skipped.reason}", err=True)
     err.print(f"{len(report.replayed)} replayed, {len(report.skipped)} skipped")
+
+
+def _load_policy(path: Path, name: str | None) -> tuple[str, ScalingPolicySpec]:
+    """The ScalingPolicy in ``path`` (which may hold other documents too), validated."""
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(Exit.USAGE, f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
+    except yaml.YAMLError as exc:
+        _fail(Exit.USAGE, f"{path} is not valid YAML: {exc}")
+    policies = [d for d in docs if isinstance(d, dict) and d.get("kind") == "ScalingPolicy"]
+    names = [str((p.get("metadata") or {}).get("name", "")) for p in policies]
+    if name is not None:
+        policies = [p for p, n in zip(policies, names, strict=True) if n == name]
+        names = [name] * len(policies)
+    if len(policies) != 1:
+        found = ", ".join(n or "(unnamed)" for n in names) or "none"
+        which = f" named {name}" if name is not None else ""
+        hint = "; pick one with --name" if len(policies) > 1 else ""
+        _fail(Exit.USAGE, f"{path} must hold one ScalingPolicy{which}, found {found}{hint}")
+    where = f"ScalingPolicy {names[0]}" if names[0] else "ScalingPolicy"
+    try:
+        spec = ScalingPolicySpec.model_validate(policies[0].get("spec"))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in ("spec", *first["loc"]))
+        _fail(Exit.USAGE, f"invalid {where} {field}: {first['msg']}")
+    problems = [p for p in map(validate_window, spec.schedule) if p is not None]
+    try:
+        parse_behavior(spec.behavior)
+    except ValueError as exc:
+        problems.append(str(exc))
+    if problems:
+        _fail(Exit.USAGE, f"invalid {where}: {'; '.join(problems)}")
+    return names[0], spec
+
+
+def _parse_start(text: str) -> datetime:
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        _fail(Exit.USAGE, f"--start {text!r} is not an ISO 8601 time (e.g. 2026-01-05T00:00:00Z)")
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {secs}s" if minutes else f"{secs}s"
+
+
+@app.command("simulate")
+def simulate_cmd(
+    policy: Annotated[
+        Path,
+        typer.Argument(
+            metavar="POLICY.yaml", help="YAML with the ScalingPolicy (other documents are skipped)."
+        ),
+    ],
+    trace: Annotated[
+        Path,
+        typer.Option(
+            "--trace",
+            metavar="LOAD.csv",
+            help="CSV: t,arrivals (seconds from the start, tasks that second)"
+            " or timestamp,rate (seconds or ISO 8601, tasks/s until the next row).",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            metavar="PLOT.png",
+            help="Write a PNG with the three charts here.",
+            show_default=False,
+        ),
+    ] = None,
+    per_replica_rate: Annotated[
+        float, typer.Option(min=0.001, help="Tasks/s one replica completes.")
+    ] = 5.0,
+    start: Annotated[
+        str | None,
+        typer.Option(
+            help="Wall-clock time of the trace's first second, for the schedule."
+            " Default: the trace's first ISO 8601 time, else 2026-01-05T00:00:00Z (a Monday).",
+            show_default=False,
+        ),
+    ] = None,
+    startup_seconds: Annotated[
+        float, typer.Option(min=0, help="Seconds from a new replica to serving.")
+    ] = 5.0,
+    season_seconds: Annotated[
+        int,
+        typer.Option(
+            min=120, help="Period of the forecast's seasonality; it needs two of them of history."
+        ),
+    ] = sim.DAY,
+    tokens_per_task: Annotated[
+        float | None,
+        typer.Option(min=0, help="Tokens per task, for quota.tokensPerMinute.", show_default=False),
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            help="The ScalingPolicy to take when the file has several.", show_default=False
+        ),
+    ] = None,
+    output: Annotated[Output, typer.Option("--output", "-o")] = Output.text,
+) -> None:
+    """Replay a load trace through a ScalingPolicy: the operator's decisions each second and a
+    model of the HPA every 15 s. Offline: needs no cluster and no NATS."""
+    policy_name, spec = _load_policy(policy, name)
+    try:
+        loaded = sim.read_trace(trace)
+    except sim.TraceError as exc:
+        _fail(Exit.USAGE, f"{trace}: {exc}")
+    if not loaded.points:
+        _fail(Exit.USAGE, f"{trace}: the trace has no rows after its header")
+    begin = _parse_start(start) if start else loaded.start or sim.DEFAULT_START
+    try:
+        steps = sim.simulate(
+            spec,
+            loaded.points,
+            per_replica_rate,
+            begin,
+            startup_seconds=startup_seconds,
+            season_seconds=season_seconds,
+            tokens_per_task=tokens_per_task,
+        )
+    except ValueError as exc:
+        _fail(Exit.USAGE, str(exc))
+    summary = sim.summarize(steps)
+    if out is not None:
+        try:
+            sim.plot(steps, begin, out, title=f"ScalingPolicy {policy_name}".strip())
+        except ImportError as exc:
+            _fail(Exit.USAGE, str(exc))
+        except OSError as exc:
+            _fail(Exit.USAGE, f"cannot write {out}: {exc.strerror or exc}")
+
+    events = [
+        {
+            "t": s.t,
+            "time": (begin + timedelta(seconds=s.t)).isoformat(),
+            "replicas": s.replicas,
+            "event": s.event,
+        }
+        for s in steps
+        if s.event is not None
+    ]
+    if output is Output.json:
+        typer.echo(
+            _json(
+                {
+                    "policy": policy_name,
+                    "start": begin.isoformat(),
+                    "summary": dataclasses.asdict(summary),
+                    "events": events,
+                    "plot": str(out) if out is not None else None,
+                }
+            )
+        )
+        return
+    at_zero = summary.seconds_at_zero / summary.seconds if summary.seconds else 0.0
+    label = f"ScalingPolicy {policy_name}" if policy_name else "the ScalingPolicy"
+    typer.echo(
+        f"{label}: {_duration(summary.seconds)} of load from {begin.isoformat()},"
+        f" {summary.tasks:,.0f} tasks at {per_replica_rate:g} tasks/s per replica"
+    )
+    typer.echo(
+        f"replicas: max {summary.max_replicas}, {summary.scale_events} scale events,"
+        f" at 0 for {_duration(summary.seconds_at_zero)} ({at_zero:.0%}),"
+        f" {summary.replica_seconds / 3600:.1f} replica-hours"
+    )
+    typer.echo(f"queue lag: max {summary.max_lag}, {summary.final_lag} at the end")
+    if spec.predictive.enabled and all(s.forecast_rate is None for s in steps):
+        err.print(
+            f"predictive: no forecast; it needs {_duration(2 * season_seconds)} of history"
+            " (two seasons, see --season-seconds)"
+        )
+    if out is not None:
+        err.print(f"plot written to {out}")
 
 
 def main() -> None:

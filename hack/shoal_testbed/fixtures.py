@@ -202,6 +202,8 @@ def _point_at(bed: Testbed) -> None:
     # Short drift checks and heartbeats, so tests of repairs and liveness are quick.
     os.environ["SHOAL_DRIFT_INTERVAL"] = "5"
     os.environ["SHOAL_HEARTBEAT_INTERVAL"] = "2"
+    # Operators of several tests (or replicas of one) may run at once: any free port.
+    os.environ["SHOAL_METRICS_API_PORT"] = "auto"
 
 
 @pytest.fixture(scope="session")
@@ -258,16 +260,22 @@ def namespace(testbed: Testbed, request: pytest.FixtureRequest) -> Iterator[str]
 
 @pytest.fixture
 def operator(testbed: Testbed, crds: list[str], namespace: str) -> Iterator[Any]:
-    """The operator running in this process (KopfRunner), watching the test's namespace."""
+    """The operator running in this process (KopfRunner), watching the test's namespace.
+
+    It registers the external metrics API (``local``: an ExternalName Service in the
+    test's namespace) and removes the APIService when it stops, for the next test's.
+    """
     from kopf.testing import KopfRunner
 
     args = ["run", "--standalone", "--namespace", namespace, "-m", "shoal_operator.handlers"]
     os.environ["SHOAL_OPERATOR_NAMESPACE"] = namespace
+    os.environ["SHOAL_REGISTER_APISERVICE"] = "local"
     try:
         with KopfRunner(args, timeout=60) as runner:
             yield runner
     finally:
         os.environ.pop("SHOAL_OPERATOR_NAMESPACE", None)
+        os.environ.pop("SHOAL_REGISTER_APISERVICE", None)
     assert runner.exception is None, runner.output
     assert runner.exit_code == 0, runner.output
 

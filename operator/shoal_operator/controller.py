@@ -28,6 +28,7 @@ from shoal_api.base import ApiModel
 from shoal_api.runtime_state import CircuitRecord, UsageRecord
 from shoal_api.scaling import ScalingPolicySpec
 from shoal_api.workflow import WorkflowSpec
+from shoal_operator.builders.apiservice import MetricsProvider
 from shoal_operator.builders.common import Owner
 from shoal_operator.builders.deployment import RuntimeDefaults
 from shoal_operator.conditions import Cond, EventSpec, merge_conditions, transition_events
@@ -156,6 +157,8 @@ class Controller:
     nats_ready: asyncio.Event = field(default_factory=asyncio.Event)
     _started: float = 0.0
     clock: Callable[[], str] = now_rfc3339
+    metrics_provider: MetricsProvider | None = None
+    """Who serves external.metrics.k8s.io (every ScalingPolicy's MetricsAvailable)."""
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -294,6 +297,15 @@ class Controller:
         if self.indexes is not None:
             for policy in Indexes.names(self.indexes.policies_by_target, (namespace, agent)):
                 self.queue.add(("ScalingPolicy", namespace, policy))
+
+    def on_metrics_provider(self, provider: MetricsProvider | None) -> None:
+        """The APIService changed hands (or availability): every policy says so."""
+        if provider == self.metrics_provider:
+            return
+        self.metrics_provider = provider
+        if self.indexes is not None:
+            for namespace, name in list(self.indexes.policies):
+                self.queue.add(("ScalingPolicy", namespace, name))
 
     def on_workflow(self, namespace: str, name: str) -> None:
         self.queue.add(("Workflow", namespace, name))
@@ -605,6 +617,7 @@ class Controller:
             winner=winner[0] if winner else name,
             hpa=Indexes.one(idx.hpas, (namespace, name)),
             deployment=Indexes.one(idx.deployments, (namespace, spec.target_ref.name)),
+            metrics=self.metrics_provider,
         )
         plan = scaling_rec.plan(owner, spec, observed)
         problems: list[Problem] = []
@@ -620,9 +633,7 @@ class Controller:
             await self.kube.delete("HorizontalPodAutoscaler", namespace, name)
             self._applied.pop(("HorizontalPodAutoscaler", namespace, name), None)
             hpa = None
-        observed = scaling_rec.PolicyObserved(
-            observed.agents, observed.winner, hpa, observed.deployment
-        )
+        observed = replace(observed, hpa=hpa)
         status, events = scaling_rec.status(
             int(meta.get("generation", 0)),
             owner,

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import time
+from dataclasses import replace
 from typing import Any
 
 import kopf
@@ -23,6 +24,12 @@ from shoal_operator.health import HEARTBEAT_LABEL, Heartbeat
 from shoal_operator.jetstream_admin import JetStreamAdmin
 from shoal_operator.kube import Kube
 from shoal_operator.leader import LeaderElector
+from shoal_operator.metrics_api import (
+    MetricsApiConfig,
+    MetricsApiServer,
+    QueueMetrics,
+    Registration,
+)
 from shoal_operator.settings import FIELD_MANAGER, HANDOVER_MANAGER, configure
 
 log = logging.getLogger("shoal_operator")
@@ -206,7 +213,52 @@ async def _startup(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
             "and no watch heartbeat"
         )
     ctl.start()
+    await _start_metrics_api(ctl, own_ns)
     log.info("Shoal operator started (runtime image %s)", runtime.image)
+
+
+async def _start_metrics_api(ctl: Controller, own_ns: str | None) -> None:
+    """external.metrics.k8s.io for the HPAs; every replica serves, whoever leads."""
+    metrics = QueueMetrics(lambda: ctl.nats)
+    STATE["queue_metrics"] = metrics
+    try:
+        config = MetricsApiConfig.from_env(os.environ)
+    except ValueError as exc:
+        log.error("metrics API off: %s", exc)
+        return
+    server: MetricsApiServer | None = None
+    if config.port is None:
+        log.info("metrics API off (port 0): HPAs of ScalingPolicies get no Shoal metrics")
+    else:
+        local = config.register == "local"
+        hosts = ["localhost", "127.0.0.1"]
+        if own_ns:
+            hosts += [
+                f"{config.service}.{own_ns}.svc",
+                f"{config.service}.{own_ns}.svc.cluster.local",
+            ]
+        # An operator outside the cluster is reached through localhost: nothing else
+        # needs to reach it, and what is not exposed needs no authentication.
+        server = MetricsApiServer(metrics, config, "127.0.0.1" if local else "0.0.0.0", hosts)
+        try:
+            await server.start()
+        except OSError as exc:
+            log.error("metrics API off: cannot listen on port %s: %s", config.port, exc)
+            server = None
+        else:
+            STATE["metrics_api"] = server
+    if not own_ns:
+        log.warning("SHOAL_OPERATOR_NAMESPACE is not set: the APIService is not checked")
+        return
+    # Without a server nothing is registered, but whose APIService it is still shows on
+    # the policies (another provider's, typically, when the metrics API is turned off).
+    if server is None:
+        config = replace(config, register="none")
+    registration = Registration(
+        ctl.kube, config, own_ns, server.port if server else 0, ctl.on_metrics_provider
+    )
+    STATE["registration"] = registration
+    STATE["registration_task"] = asyncio.create_task(registration.run(), name="shoal-apiservice")
 
 
 async def _connect_nats(ctl: Controller) -> None:
@@ -235,6 +287,18 @@ async def _cleanup(**_: Any) -> None:
     for task in STATE.pop("tasks", []):
         task.cancel()
     hb: Heartbeat | None = STATE.pop("heartbeat", None)
+    registration: Registration | None = STATE.pop("registration", None)
+    if (task := STATE.pop("registration_task", None)) is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    if registration is not None:
+        try:
+            await registration.unregister()
+        except Exception as exc:
+            log.warning("metrics API: could not remove the APIService: %s", exc)
+    server: MetricsApiServer | None = STATE.pop("metrics_api", None)
+    if server is not None:
+        await server.stop()
     if ctl is not None:
         await ctl.stop()
         if ctl.leader is not None:

@@ -1,5 +1,5 @@
 """The operator's JetStream administration: streams, buckets, per-Agent consumers, and
-reading and watching the runtimes' shared state (circuit breaker, usage).
+reading and watching the runtimes' shared state (circuit breaker, usage, pod stats).
 
 Requests go to the JetStream API subjects with the builders' wire-form configs, so what
 is compared is exactly what the server stores.
@@ -21,7 +21,7 @@ from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from shoal_api import nats_layout as nl
-from shoal_api.runtime_state import CircuitRecord, StateModel, UsageRecord
+from shoal_api.runtime_state import CircuitRecord, PodStats, StateModel, UsageRecord
 from shoal_operator.builders import jetstream
 
 log = logging.getLogger(__name__)
@@ -186,10 +186,12 @@ class JetStreamAdmin:
         return kv
 
     async def _record(self, bucket: str, namespace: str, agent: str, model: type[R]) -> R | None:
-        key = nl.agent_key(namespace, agent)
+        return await self._entry(bucket, nl.agent_key(namespace, agent), model)
+
+    async def _entry(self, bucket: str, key: str, model: type[R]) -> R | None:
         try:
             entry = await (await self._bucket(bucket)).get(key)
-        except KeyNotFoundError:
+        except KeyNotFoundError:  # also a deleted or purged key
             return None
         try:
             return model.model_validate_json(entry.value or b"")
@@ -209,6 +211,22 @@ class JetStreamAdmin:
     async def usage_record(self, namespace: str, agent: str) -> UsageRecord | None:
         """The Agent's usage record; None when missing or malformed."""
         return await self._record(nl.USAGE_BUCKET, namespace, agent, UsageRecord)
+
+    async def pod_stats(self, namespace: str, agent: str) -> list[PodStats]:
+        """The live figures of the Agent's runtime pods, by pod name. A pod that stopped
+        reporting is gone after the bucket's TTL (30 s)."""
+        prefix = f"$KV.{nl.STATS_BUCKET}."
+        # The stream knows which keys exist below the Agent: one request, then one direct
+        # get per pod, instead of a watch (an ephemeral consumer) per call.
+        info = await self._request(
+            f"STREAM.INFO.KV_{nl.STATS_BUCKET}",
+            {"subjects_filter": prefix + nl.stats_key(namespace, agent, "*")},
+        )
+        subjects = sorted((info.get("state") or {}).get("subjects") or {})
+        records = await asyncio.gather(
+            *(self._entry(nl.STATS_BUCKET, s.removeprefix(prefix), PodStats) for s in subjects)
+        )
+        return [r for r in records if r is not None]
 
     async def watch_agents(self, bucket: str, on_update: AgentCallback) -> None:
         """Calls ``on_update(namespace, agent, replay)`` for every write of an Agent's key

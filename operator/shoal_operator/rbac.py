@@ -50,6 +50,16 @@ RULES: list[dict[str, Any]] = [
         "verbs": READ,
     },
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": READ},
+    # The external metrics API: whose APIService v1beta1.external.metrics.k8s.io is
+    # (reported on ScalingPolicies), and, with --register-apiservice local, registering
+    # it with an ExternalName Service in the operator's namespace. (Reading external
+    # metrics is the HPA controller's: its bootstrap role covers external.metrics.k8s.io.)
+    {
+        "apiGroups": ["apiregistration.k8s.io"],
+        "resources": ["apiservices"],
+        "verbs": ["get", "create", "patch", "delete"],
+    },
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create", "patch", "delete"]},
 ]
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from shoal_api.scaling import ScalingPolicySpec
 from shoal_operator.builders import hpa as hpa_builder
+from shoal_operator.builders.apiservice import MetricsProvider
 from shoal_operator.builders.common import Owner
 from shoal_operator.conditions import Cond, EventSpec, merge_conditions, transition_events
 from shoal_operator.reconcilers.common import Problem
@@ -22,6 +23,8 @@ class PolicyObserved:
     hpa: Mapping[str, Any] | None
     deployment: Mapping[str, Any] | None = None
     """The target Agent's Deployment: its replicas are the current ones."""
+    metrics: MetricsProvider | None = None
+    """Who serves external.metrics.k8s.io; None: not known (the metrics API is off)."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,9 @@ def status(
         if current_replicas > 0
         else Cond("Active", "False", "NoReplicas", "0 replicas")
     )
+    if observed.metrics is not None:
+        m = observed.metrics
+        conds.append(Cond("MetricsAvailable", m.status, m.reason, m.message))
     conditions = merge_conditions(current.get("conditions"), conds, generation, now)
     new: dict[str, Any] = {
         "observedGeneration": generation,
