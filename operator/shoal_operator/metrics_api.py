@@ -653,9 +653,16 @@ class Registration:
         ):
             return reg.provider(existing, *ours)
         await self._apply(self._service_path, reg.local_service(self.namespace, self.port))
-        applied = await self._apply(
+        applied: dict[str, Any] | None = await self._apply(
             APISERVICE_PATH, reg.apiservice(self.namespace, reg.SERVICE_NAME, self.port)
         )
+        # The aggregator checks a new APIService within a second or so: waiting for its
+        # verdict spares every policy a False-then-True pair of status writes.
+        for _ in range(20):
+            if applied is None or _checked(applied):
+                break
+            await asyncio.sleep(0.25)
+            applied = await self._get(APISERVICE_PATH)
         return reg.provider(applied, *ours)
 
     async def unregister(self) -> None:
@@ -691,3 +698,8 @@ class Registration:
             "application/apply-patch+yaml",
             [("fieldManager", FIELD_MANAGER), ("force", "true")],
         )
+
+
+def _checked(apiservice: Mapping[str, Any]) -> bool:
+    conditions = (apiservice.get("status") or {}).get("conditions") or ()
+    return any(c.get("type") == "Available" for c in conditions)
