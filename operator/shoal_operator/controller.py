@@ -24,10 +24,12 @@ from pydantic import ValidationError
 
 from shoal_api import nats_layout as nl
 from shoal_api.agent import AgentSpec
+from shoal_api.autoscale.policy import Plan
 from shoal_api.base import ApiModel
 from shoal_api.runtime_state import CircuitRecord, UsageRecord
 from shoal_api.scaling import ScalingPolicySpec
 from shoal_api.workflow import WorkflowSpec
+from shoal_operator.autoscaler import Autoscaler, MetricSource, PolicyView
 from shoal_operator.builders.apiservice import MetricsProvider
 from shoal_operator.builders.common import Owner
 from shoal_operator.builders.deployment import RuntimeDefaults
@@ -60,6 +62,8 @@ class RetryLater(Exception):  # noqa: N818  (a signal, not an error)
 # Counts change all the time under load; without a condition flip they reach status at
 # most this often (a status is a throttled mirror, not a live feed).
 STATUS_THROTTLE_SECONDS = 5.0
+# A changed autoscaling decision sentence (e.g. the idle countdown) at most this often.
+DECISION_EVERY = 10.0
 THROTTLED_STATUS_KEYS = frozenset(
     {
         "queue",
@@ -159,6 +163,11 @@ class Controller:
     clock: Callable[[], str] = now_rfc3339
     metrics_provider: MetricsProvider | None = None
     """Who serves external.metrics.k8s.io (every ScalingPolicy's MetricsAvailable)."""
+    autoscaler: Autoscaler | None = None
+    _decision_shown: dict[tuple[str, str], float] = field(default_factory=dict)
+    _policy_specs: dict[tuple[str, str], tuple[Any, ScalingPolicySpec]] = field(
+        default_factory=dict
+    )
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -618,6 +627,7 @@ class Controller:
             hpa=Indexes.one(idx.hpas, (namespace, name)),
             deployment=Indexes.one(idx.deployments, (namespace, spec.target_ref.name)),
             metrics=self.metrics_provider,
+            autoscale=self.autoscaler.plans.get((namespace, name)) if self.autoscaler else None,
         )
         plan = scaling_rec.plan(owner, spec, observed)
         problems: list[Problem] = []
@@ -644,6 +654,86 @@ class Controller:
             self.clock(),
         )
         await self._write_status("ScalingPolicy", body, status, events)
+
+    # -- autoscaling (the loop itself is in autoscaler.py) --------------------------
+
+    async def run_autoscaler(self, metrics: MetricSource) -> None:
+        """The per-second autoscaling loop, once NATS is there; idle unless leading."""
+        await self.nats_ready.wait()
+        assert self.nats is not None
+        usage = await self.nats.js.key_value(nl.USAGE_BUCKET)
+        self.autoscaler = Autoscaler(
+            metrics, self._scale, self._annotate_pod, self._on_scaling_plan, usage
+        )
+        await self.autoscaler.run(self._policy_views)
+
+    def _policy_views(self) -> list[PolicyView]:
+        if self.indexes is None or (self.leader is not None and not self.leader.leading.is_set()):
+            return []
+        views = []
+        for ns, name in list(self.indexes.policies):
+            body = Indexes.one(self.indexes.policies, (ns, name))
+            if body is None:
+                continue
+            spec = self._policy_spec(ns, name, body)
+            if spec is None:
+                continue
+            winner = self._scaling_policy_for(ns, spec.target_ref.name)
+            if winner is None or winner[0] != name:
+                continue
+            dep = Indexes.one(self.indexes.deployments, (ns, spec.target_ref.name))
+            replicas = None if dep is None else int(dep.get("spec", {}).get("replicas", 1))
+            views.append(PolicyView(ns, name, spec, replicas))
+        return views
+
+    def _policy_spec(self, ns: str, name: str, body: Mapping[str, Any]) -> ScalingPolicySpec | None:
+        """Parsed once per generation (the loop asks every second)."""
+        generation = body["metadata"].get("generation")
+        cached = self._policy_specs.get((ns, name))
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        try:
+            spec = ScalingPolicySpec.model_validate(body.get("spec", {}))
+        except ValidationError:
+            return None  # the reconcile reports it
+        self._policy_specs[(ns, name)] = (generation, spec)
+        return spec
+
+    async def _scale(self, namespace: str, deployment: str, replicas: int) -> None:
+        await self.kube.merge_patch(
+            "Deployment", namespace, deployment, {"spec": {"replicas": replicas}}, sub="scale"
+        )
+
+    async def _annotate_pod(self, namespace: str, pod: str, annotations: dict[str, str]) -> None:
+        await self.kube.merge_patch(
+            "Pod", namespace, pod, {"metadata": {"annotations": annotations}}
+        )
+
+    def _on_scaling_plan(self, view: PolicyView, new: Plan, old: Plan | None) -> None:
+        """Reconciles the policy (HPA bounds, status) when the plan changed in substance,
+        and shows a changed decision sentence at most every few seconds."""
+        key = ("ScalingPolicy", view.namespace, view.name)
+        acted = new.scale_to is not None and new.scale_to != view.replicas
+        if acted and self.indexes is not None:
+            body = Indexes.one(self.indexes.policies, (view.namespace, view.name))
+            if body is not None:
+                reason = "ScaledToZero" if new.scale_to == 0 else "Activated"
+                task = asyncio.create_task(self.kube.event(body, "Normal", reason, new.decision))
+                self._tasks.append(task)
+                task.add_done_callback(self._forget_task)
+        bounds_changed = old is None or (old.hpa_min, old.hpa_max) != (new.hpa_min, new.hpa_max)
+        now = time.monotonic()
+        shown = self._decision_shown.get((view.namespace, view.name), 0.0)
+        if acted or bounds_changed:
+            self._decision_shown[(view.namespace, view.name)] = now
+            self.queue.add(key)
+        elif (old is None or old.decision != new.decision) and now - shown >= DECISION_EVERY:
+            self._decision_shown[(view.namespace, view.name)] = now
+            self.queue.add(key, low=True)
+
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(task)
 
     async def _reconcile_workflow(self, namespace: str, name: str) -> None:
         idx = self._idx()

@@ -221,6 +221,7 @@ async def _start_metrics_api(ctl: Controller, own_ns: str | None) -> None:
     """external.metrics.k8s.io for the HPAs; every replica serves, whoever leads."""
     metrics = QueueMetrics(lambda: ctl.nats)
     STATE["queue_metrics"] = metrics
+    STATE["tasks"].append(asyncio.create_task(ctl.run_autoscaler(metrics), name="shoal-autoscaler"))
     try:
         config = MetricsApiConfig.from_env(os.environ)
     except ValueError as exc:

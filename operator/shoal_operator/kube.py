@@ -44,6 +44,7 @@ RESOURCES: dict[str, Resource] = {
     "ScalingPolicy": Resource(GROUP, VERSION, "scalingpolicies"),
     "Workflow": Resource(GROUP, VERSION, "workflows"),
     "Deployment": Resource("apps", "v1", "deployments"),
+    "Pod": Resource("", "v1", "pods"),
     "ServiceAccount": Resource("", "v1", "serviceaccounts"),
     "HorizontalPodAutoscaler": Resource("autoscaling", "v2", "horizontalpodautoscalers"),
     "Event": Resource("", "v1", "events"),

@@ -33,6 +33,9 @@ RULES: list[dict[str, Any]] = [
     },
     # The children, applied server-side.
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": [*READ, *WRITE]},
+    # 0 <-> 1 activation (the HPA does 1..N), and ordering scale-in by in-flight work.
+    {"apiGroups": ["apps"], "resources": ["deployments/scale"], "verbs": ["get", "patch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]},
     {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", *WRITE]},
     {
         "apiGroups": ["autoscaling"],

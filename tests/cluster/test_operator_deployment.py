@@ -83,6 +83,7 @@ def test_kustomize_manifests_are_accepted(testbed: Testbed, crds: list[str]) -> 
         if "\nkind: " in doc
     )
     assert kinds == [
+        "APIService",
         "ClusterRole",
         "ClusterRoleBinding",
         "CustomResourceDefinition",
@@ -90,6 +91,7 @@ def test_kustomize_manifests_are_accepted(testbed: Testbed, crds: list[str]) -> 
         "CustomResourceDefinition",
         "Deployment",
         "Namespace",
+        "Service",
         "ServiceAccount",
     ]
     out = testbed.kubectl(

@@ -42,12 +42,16 @@ def _metric(agent: str, metric: Metric) -> dict[str, Any]:
     }
 
 
-def hpa(owner: Owner, spec: ScalingPolicySpec) -> dict[str, Any]:
+def hpa(
+    owner: Owner, spec: ScalingPolicySpec, bounds: tuple[int, int] | None = None
+) -> dict[str, Any]:
     """autoscaling/v2 HPA on the target Agent's Deployment.
 
     The HPA cannot hold 0 replicas; minReplicas 0 means 1 here and the operator does
-    0 <-> 1 itself.
+    0 <-> 1 itself. ``bounds`` (min, max) are the operator's live ones: schedule windows
+    and forecasts raise the minimum, provider quotas cap the maximum.
     """
+    low, high = bounds if bounds is not None else (max(1, spec.min_replicas), spec.max_replicas)
     agent = spec.target_ref.name
     body: dict[str, Any] = {
         "apiVersion": "autoscaling/v2",
@@ -57,8 +61,8 @@ def hpa(owner: Owner, spec: ScalingPolicySpec) -> dict[str, Any]:
         ),
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": agent},
-            "minReplicas": max(1, spec.min_replicas),
-            "maxReplicas": spec.max_replicas,
+            "minReplicas": max(1, low),
+            "maxReplicas": max(1, low, high),
             "metrics": [_metric(agent, m) for m in spec.metrics],
         },
     }

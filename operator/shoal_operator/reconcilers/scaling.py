@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from shoal_api.autoscale.policy import Plan
 from shoal_api.scaling import ScalingPolicySpec
 from shoal_operator.builders import hpa as hpa_builder
 from shoal_operator.builders.apiservice import MetricsProvider
@@ -25,6 +26,8 @@ class PolicyObserved:
     """The target Agent's Deployment: its replicas are the current ones."""
     metrics: MetricsProvider | None = None
     """Who serves external.metrics.k8s.io; None: not known (the metrics API is off)."""
+    autoscale: Plan | None = None
+    """The operator's latest autoscaling decision (None before the first one)."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,10 @@ def plan(owner: Owner, spec: ScalingPolicySpec, observed: PolicyObserved) -> Pol
                 )
             ],
         )
-    return PolicyPlan(hpa_builder.hpa(owner, spec), [])
+    bounds = None
+    if observed.autoscale is not None:
+        bounds = (observed.autoscale.hpa_min, observed.autoscale.hpa_max)
+    return PolicyPlan(hpa_builder.hpa(owner, spec, bounds), [])
 
 
 def status(
@@ -113,6 +119,8 @@ def status(
     }
     if hpa_status.get("lastScaleTime"):
         new["lastScaleTime"] = hpa_status["lastScaleTime"]
-    if "lastDecision" in current:
+    if observed.autoscale is not None:
+        new["lastDecision"] = observed.autoscale.decision
+    elif "lastDecision" in current:
         new["lastDecision"] = current["lastDecision"]
     return new, transition_events(current.get("conditions"), conditions)
