@@ -52,11 +52,11 @@ def is_ready(testbed: Testbed, name: str, ns: str, kind: str = "agent") -> bool:
     return cond is not None and cond["status"] == "True"
 
 
-def scaling_policy(name: str, target: str, max_replicas: int = 3) -> dict[str, Any]:
-    """A minimal ScalingPolicy manifest."""
+def scaling_policy(name: str, target: str, max_replicas: int = 3, **spec: Any) -> dict[str, Any]:
+    """A minimal ScalingPolicy manifest; ``spec`` adds or overrides fields."""
     return {
         "apiVersion": "shoal.dev/v1alpha1",
         "kind": "ScalingPolicy",
         "metadata": {"name": name},
-        "spec": {"targetRef": {"name": target}, "maxReplicas": max_replicas},
+        "spec": {"targetRef": {"name": target}, "maxReplicas": max_replicas, **spec},
     }

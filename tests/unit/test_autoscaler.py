@@ -102,3 +102,35 @@ def test_no_deployment_means_no_decision() -> None:
     spec = ScalingPolicySpec.model_validate({"targetRef": {"name": "a"}, "maxReplicas": 5})
     assert asyncio.run(h.auto.tick(PolicyView("ns", "p", spec, None))) is None
     assert h.scaled == []
+
+
+def test_a_forecast_of_the_daily_burst_raises_the_floor_before_it_comes() -> None:
+    from shoal_operator.autoscaler import _Track
+
+    h = Harness()
+    day = [60.0] * 1440
+    for minute in range(600, 660):
+        day[minute] = 600.0  # every day at 10:00, ten times the usual load
+    minute = 2 * 1440 + 594  # day 3, 09:54 (fake time); history runs up to it
+    h.now = minute * 60 + 30.0
+    h.auto._tracks[("ns", "p")] = _Track(
+        history=(day * 3)[:minute], minute=minute, per_replica_rate=2.0
+    )
+    spec = {"predictive": {"enabled": True, "horizonSeconds": 600}, "maxReplicas": 8}
+    h.tick(1, **spec)  # learns the minute
+    h.now += 60  # the next minute: refit, forecast
+    plan = h.tick(1, **spec)
+    assert plan is not None
+    # 600 arrivals/min = 10 tasks/s at 2 tasks/s per replica: 5 replicas, before 10:00.
+    assert plan.floor == 5
+    assert plan.hpa_min == 5
+    assert any("forecast" in r for r in plan.reasons)
+    # Without prediction the same observation keeps the floor at the minimum.
+    h2 = Harness()
+    h2.now = h.now
+    h2.auto._tracks[("ns", "p")] = _Track(
+        history=(day * 3)[:minute], minute=minute, per_replica_rate=2.0
+    )
+    plan = h2.tick(1, maxReplicas=8)
+    assert plan is not None
+    assert plan.floor == 0
