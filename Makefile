@@ -93,6 +93,7 @@ bench: dev ## Benchmarks (fresh local test beds); writes bench/results/*.json an
 	$(PY) bench/operator_scale.py
 	$(PY) bench/runtime_throughput.py
 	$(PY) bench/simulator.py
+	$(PY) bench/autoscale_reaction.py
 
 .PHONY: demo
 demo: operator-up ## Start the local cluster and the operator, apply the examples, submit tasks to them
