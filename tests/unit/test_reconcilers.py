@@ -912,3 +912,33 @@ def test_a_reconcile_before_the_cache_catches_up_sees_its_own_write() -> None:
     body["metadata"]["resourceVersion"] = "8"
     body["status"] = {"circuit": {"state": "HalfOpen", "since": "t", "failureRatePercent": 0}}
     assert ctl._current_status("Agent", body)["circuit"]["state"] == "HalfOpen"
+
+
+def test_an_unreadable_schedule_window_degrades_the_policy_but_keeps_the_hpa() -> None:
+    from shoal_api.scaling import ScalingPolicySpec
+    from shoal_operator.builders.common import Owner
+    from shoal_operator.reconcilers import scaling as scaling_rec
+
+    spec = ScalingPolicySpec.model_validate(
+        {
+            "targetRef": {"name": "a"},
+            "maxReplicas": 3,
+            "schedule": [
+                {"cron": "0 8 * * 1-5", "durationMinutes": 60, "minReplicas": 2},
+                {"cron": "0 8 * *", "durationMinutes": 60, "minReplicas": 2},
+                {
+                    "cron": "0 8 * * *",
+                    "durationMinutes": 60,
+                    "minReplicas": 2,
+                    "timeZone": "Mars/Base",
+                },
+            ],
+        }
+    )
+    owner = Owner("ScalingPolicy", "ns", "p", "uid")
+    observed = scaling_rec.PolicyObserved(agents=frozenset({"a"}), winner="p", hpa=None)
+    plan = scaling_rec.plan(owner, spec, observed)
+    assert plan.hpa is not None
+    assert [p.reason for p in plan.problems] == ["InvalidSchedule", "InvalidSchedule"]
+    assert plan.problems[0].message.startswith("spec.schedule[1]: ")
+    assert "Mars/Base" in plan.problems[1].message

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal_api.autoscale.policy import Plan
+from shoal_api.autoscale.schedule import validate_window
 from shoal_api.scaling import ScalingPolicySpec
 from shoal_operator.builders import hpa as hpa_builder
 from shoal_operator.builders.apiservice import MetricsProvider
@@ -62,7 +63,13 @@ def plan(owner: Owner, spec: ScalingPolicySpec, observed: PolicyObserved) -> Pol
     bounds = None
     if observed.autoscale is not None:
         bounds = (observed.autoscale.hpa_min, observed.autoscale.hpa_max)
-    return PolicyPlan(hpa_builder.hpa(owner, spec, bounds), [])
+    # The HPA still works without a window the operator cannot read; the policy says so.
+    problems = [
+        Problem("InvalidSchedule", f"spec.schedule[{i}]: {message}")
+        for i, w in enumerate(spec.schedule)
+        if (message := validate_window(w)) is not None
+    ]
+    return PolicyPlan(hpa_builder.hpa(owner, spec, bounds), problems)
 
 
 def status(
