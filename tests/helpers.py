@@ -60,3 +60,12 @@ def scaling_policy(name: str, target: str, max_replicas: int = 3, **spec: Any) -
         "metadata": {"name": name},
         "spec": {"targetRef": {"name": target}, "maxReplicas": max_replicas, **spec},
     }
+
+
+def runtimes(testbed: Testbed, namespace: str, agent_name: str) -> list[str]:
+    """Pods of an Agent the kubelet stand-in runs as processes (not terminating)."""
+    return [
+        key.split("/", 1)[1]
+        for key, p in testbed.standin_pods().items()
+        if key.startswith(f"{namespace}/{agent_name}-") and not p.get("terminating")
+    ]

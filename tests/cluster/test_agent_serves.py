@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from shoal_testbed.fixtures import Testbed, eventually
-from tests.helpers import REPO, agent, is_ready
+from tests.helpers import REPO, agent, is_ready, runtimes
 
 pytestmark = pytest.mark.cluster
 
@@ -29,14 +29,6 @@ def shoal(testbed: Testbed, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def pods_running(testbed: Testbed, namespace: str, name: str) -> list[dict[str, Any]]:
-    return [
-        p
-        for key, p in testbed.standin_pods().items()
-        if key.startswith(f"{namespace}/{name}-") and not p.get("terminating")
-    ]
-
-
 def test_an_applied_agent_serves_shoal_submit(
     testbed: Testbed, operator: Any, namespace: str
 ) -> None:
@@ -50,9 +42,7 @@ def test_an_applied_agent_serves_shoal_submit(
         namespace,
     )
     eventually(lambda: is_ready(testbed, "classify", namespace), 60, what="Agent Ready")
-    eventually(
-        lambda: len(pods_running(testbed, namespace, "classify")) == 2, 60, what="2 runtimes"
-    )
+    eventually(lambda: len(runtimes(testbed, namespace, "classify")) == 2, 60, what="2 runtimes")
 
     done = shoal(
         testbed,
@@ -76,4 +66,4 @@ def test_an_applied_agent_serves_shoal_submit(
     assert "ContractViolation" in listed.stdout
 
     testbed.kubectl("delete", "agent", "classify", "-n", namespace, "--wait=true")
-    eventually(lambda: not pods_running(testbed, namespace, "classify"), 60, what="runtimes gone")
+    eventually(lambda: not runtimes(testbed, namespace, "classify"), 60, what="runtimes gone")

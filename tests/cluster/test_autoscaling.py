@@ -16,7 +16,8 @@ import pytest
 from shoal_api import envelope as env
 from shoal_api import nats_layout as nl
 from shoal_testbed.fixtures import Testbed, eventually
-from tests.helpers import agent, scaling_policy
+from tests.helpers import agent, runtimes, scaling_policy
+from tests.runtime.support import stored
 
 pytestmark = pytest.mark.cluster
 
@@ -59,19 +60,10 @@ def publish(url: str, ns: str, agent_name: str, inputs: list[dict[str, Any]]) ->
 def stored_results(url: str, ns: str) -> list[dict[str, Any]]:
     async def go() -> list[dict[str, Any]]:
         nc = await nats.connect(url)
-        js = nc.jetstream()
-        out: list[dict[str, Any]] = []
-        sub = await js.subscribe(
-            f"shoal.result.{ns}.>", stream=nl.RESULTS_STREAM, ordered_consumer=True
-        )
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=1.0)
-            except nats.errors.TimeoutError:
-                break
-            out.append(json.loads(msg.data))
-        await nc.close()
-        return out
+        try:
+            return await stored(nc.jetstream(), nl.RESULTS_STREAM, f"shoal.result.{ns}.>")
+        finally:
+            await nc.close()
 
     return asyncio.run(go())
 
@@ -165,7 +157,7 @@ def test_scale_in_removes_the_idle_pod_first(
     )
     policy = scaling_policy("keeper", target="keeper", minReplicas=3, max_replicas=3, behavior=FAST)
     testbed.apply(policy, namespace)
-    eventually(lambda: len(running_pods(testbed, namespace, "keeper")) == 3, 90, what="3 runtimes")
+    eventually(lambda: len(runtimes(testbed, namespace, "keeper")) == 3, 90, what="3 runtimes")
     ids = publish(
         testbed.nats_url, namespace, "keeper", [{"n": i, "seconds": 40} for i in range(2)]
     )
@@ -220,14 +212,6 @@ def test_a_schedule_window_raises_the_hpa_minimum(
         return str(policy.get("status", {}).get("lastDecision", ""))
 
     eventually(lambda: "schedule * * * * *" in decision(), 30, what="the decision names it")
-
-
-def running_pods(testbed: Testbed, ns: str, agent_name: str) -> list[str]:
-    return [
-        key.split("/", 1)[1]
-        for key, p in testbed.standin_pods().items()
-        if key.startswith(f"{ns}/{agent_name}-") and not p.get("terminating")
-    ]
 
 
 def pod_costs(testbed: Testbed, ns: str, agent_name: str) -> dict[str, str]:
