@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from shoal_api.scaling import ScalingPolicySpec
 
@@ -147,9 +148,13 @@ def plan(
                 f" at {obs.replicas} replicas; scaling to 0"
             )
         else:
+            # Absolute times, not a countdown: the sentence (and so the status) stays
+            # the same from one second to the next.
+            at = _clock(obs.idle_since + spec.cooldown_seconds)
             decision = (
-                f"{obs.replicas} replicas, idle for {idle:.0f} s of cooldown"
-                f" {spec.cooldown_seconds} s; the HPA decides within {bounds}"
+                f"{obs.replicas} replicas, idle since {_clock(obs.idle_since)};"
+                f" scaling to 0 at {at} (cooldown {spec.cooldown_seconds} s) unless work"
+                f" arrives; the HPA decides within {bounds}"
             )
     else:
         decision = f"{obs.replicas} replicas, queue lag {obs.lag}; the HPA decides within {bounds}"
@@ -176,3 +181,7 @@ def _floor(x: float) -> int:
 
 def _clip(text: str) -> str:
     return text if len(text) <= MAX_DECISION else text[: MAX_DECISION - 1] + "…"
+
+
+def _clock(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).strftime("%H:%M:%S UTC")
