@@ -214,6 +214,10 @@ class Autoscaler:
             await self.usage_kv.put(nl.limiter_key(ns, agent, "arrivals"), body.encode())
 
     async def _deletion_costs(self, ns: str, stats: list[PodStats], now: float) -> None:
+        # Pods come and go: forget what was written for those not seen for a while.
+        stale = now - 600
+        for key in [k for k, (_, at) in self._costs.items() if at < stale]:
+            del self._costs[key]
         for s in stats:
             cost = s.in_flight
             last = self._costs.get((ns, s.pod))
