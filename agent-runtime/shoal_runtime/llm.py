@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 
 from shoal_api.agent import LlmHandler
+from shoal_api.envelope import canonical_json
 from shoal_runtime.sdk import Context, PermanentError, RetryableError
 
 BATCH_INSTRUCTION = (
@@ -43,11 +44,6 @@ BATCH_INSTRUCTION = (
 _BODY_LIMIT = 500
 
 _FENCE = re.compile(r"^\s*```[\w+-]*[ \t]*\n(.*?)\n?[ \t]*```\s*$", re.DOTALL)
-
-
-def canonical_json(value: Any) -> str:
-    # Non-ASCII stays readable: \u escapes cost the model tokens and understanding.
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def parse_content(content: str) -> Any:

@@ -25,6 +25,7 @@ from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from shoal_api import nats_layout as nl
+from shoal_api.envelope import canonical_json
 from shoal_api.runtime_state import CircuitRecord, PodStats, UsageRecord
 from shoal_runtime.breaker import Breaker, Transition
 
@@ -349,10 +350,6 @@ class StatsReporter:
             await asyncio.sleep(1.0)
 
 
-def canonical(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
 class ResultCache:
     """Outputs by Agent + canonical input, with the TTL stored in the entry (the bucket is
     shared by Agents with different TTLs)."""
@@ -367,7 +364,7 @@ class ResultCache:
         )
 
     def key(self, input: Any) -> str:
-        digest = hashlib.sha256(canonical(input)).hexdigest()
+        digest = hashlib.sha256(canonical_json(input).encode()).hexdigest()
         return nl.cache_key(self.namespace, self.agent, digest)
 
     async def get(self, input: Any) -> tuple[bool, Any]:
@@ -380,7 +377,7 @@ class ResultCache:
         return True, doc.get("output")
 
     async def put(self, input: Any, output: Any) -> None:
-        body = canonical({"exp": self.clock() + self.ttl, "output": output})
+        body = canonical_json({"exp": self.clock() + self.ttl, "output": output}).encode()
         await self.kv.put(self.key(input), body)
 
 

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Coroutine, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -73,10 +73,6 @@ class Job:
     ctx: Context
     probe: bool = False
     """Admitted as a half-open probe; cleared once its outcome is counted."""
-    output: Any = None
-    error: BaseException | None = None
-    tokens: tuple[int, int] = (0, 0)
-    cost: Decimal = field(default_factory=Decimal)
     done: asyncio.Future[None] | None = None
     """Set when the job waits for the batch loop to settle it."""
 
@@ -424,11 +420,16 @@ class Worker:
             if self.spec.fallback is not None:
                 await self._forward(job, self.spec.fallback.agent, "fallback", "circuit open")
                 raise DisposedError
-            if self.stopping:
-                await job.msg.nak()
-                self.metrics.outcome["handed_back"].inc()
-                raise DisposedError
-            await asyncio.sleep(HELD_POLL)
+            await self._hold(job)
+
+    async def _hold(self, job: Job) -> None:
+        """One wait of a task held back (open circuit, throttling budget); on drain it
+        goes back to the queue instead, for another replica."""
+        if self.stopping:
+            await job.msg.nak()
+            self.metrics.outcome["handed_back"].inc()
+            raise DisposedError
+        await asyncio.sleep(HELD_POLL)
 
     def _over_budget(self) -> bool:
         budget = self.spec.budget
@@ -452,10 +453,7 @@ class Worker:
                 assert self.spec.fallback is not None
                 await self._forward(job, self.spec.fallback.agent, "downgrade", why)
                 raise DisposedError
-            if self.stopping:
-                await job.msg.nak()
-                raise DisposedError
-            await asyncio.sleep(HELD_POLL)
+            await self._hold(job)
 
     # -- running the handler -----------------------------------------------------------
 

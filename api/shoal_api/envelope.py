@@ -11,6 +11,7 @@ per hop, task id for results) within the stream's duplicate window.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -97,6 +98,12 @@ def parse_task(data: bytes) -> Task:
             f"malformed task envelope: {where}: {first['msg']}"
             + (f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else "")
         ) from None
+
+
+def canonical_json(value: Any) -> str:
+    """One JSON text per value (sorted keys, no spaces): cache keys and prompts of the
+    same input are the same. Non-ASCII stays readable: escapes cost a model tokens."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def new_task_id() -> str:
