@@ -95,10 +95,11 @@ bench: dev ## Benchmarks (fresh local test beds); writes bench/results/*.json an
 	$(PY) bench/simulator.py
 	$(PY) bench/autoscale_reaction.py
 
+# Not `apply -R -f examples/`: examples/inputs/ holds workflow inputs (JSON), not manifests.
 .PHONY: demo
-demo: operator-up ## Start the local cluster and the operator, apply the examples, submit tasks to them
+demo: operator-up ## Start the local cluster and the operator, apply the examples, submit tasks and runs
 	$(KUBECTL) create namespace support --dry-run=client -o yaml | $(KUBECTL) apply -f -
-	$(KUBECTL) apply -n support -R -f examples/
+	$(KUBECTL) apply -n support -f examples/ -f examples/agents/
 	$(KUBECTL) wait -n support --for=condition=Ready --timeout=90s agents --all
 	$(KUBECTL) wait -n support --for=condition=Ready --timeout=60s scalingpolicies --all
 	$(KUBECTL) wait -n support --for=condition=Ready --timeout=60s workflows --all
@@ -111,6 +112,8 @@ demo: operator-up ## Start the local cluster and the operator, apply the example
 	SHOAL_NATS_URL=$$(cat $(CLUSTER_DIR)/nats-url) $(VENV)/bin/shoal submit triage -n support --wait --timeout 90 \
 	  --input '{"message": "no text field"}' || echo "[shoal] (exit $$?: dead-lettered, as the contract requires a text field)"
 	SHOAL_NATS_URL=$$(cat $(CLUSTER_DIR)/nats-url) $(VENV)/bin/shoal dlq list -n support
+	SHOAL_NATS_URL=$$(cat $(CLUSTER_DIR)/nats-url) KUBECONFIG=$(KUBECONFIG_LOCAL) \
+	  CLUSTER_DIR=$(CLUSTER_DIR) SHOAL=$(VENV)/bin/shoal PY=$(PY) bash hack/demo-workflow.sh support
 	@echo "[shoal] the local cluster and operator keep running: KUBECONFIG=$(KUBECONFIG_LOCAL); 'make cluster-down' stops both"
 
 .PHONY: test

@@ -529,7 +529,7 @@ async def start_shoal(stack: contextlib.AsyncExitStack, tmp: Path) -> NatsSystem
     try:
         await admin.ensure_streams()
         await admin.ensure_buckets()
-        await admin.ensure_consumer(jetstream.consumer(NS, AGENT, spec, 1))
+        await admin.ensure_consumers(jetstream.consumers(NS, AGENT, spec, 1))
     finally:
         await admin.close()
     owner = Owner("Agent", NS, AGENT, "00000000-0000-0000-0000-000000000000")

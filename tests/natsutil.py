@@ -13,14 +13,14 @@ from shoal_operator.jetstream_admin import JetStreamAdmin
 async def declare_agent(
     url: str, namespace: str, name: str, spec: dict[str, Any], replicas: int = 1
 ) -> AgentSpec:
-    """Streams, buckets and the Agent's durable consumer, exactly as the operator declares
+    """Streams, buckets and the Agent's durable consumers, exactly as the operator declares
     them; returns the parsed spec."""
     parsed = AgentSpec.model_validate(spec)
     admin = await JetStreamAdmin.connect(url)
     try:
         await admin.ensure_streams()
         await admin.ensure_buckets()
-        await admin.ensure_consumer(jetstream.consumer(namespace, name, parsed, replicas))
+        await admin.ensure_consumers(jetstream.consumers(namespace, name, parsed, replicas))
     finally:
         await admin.close()
     return parsed

@@ -1,13 +1,16 @@
 """The ``shoal`` command line: submit tasks, wait for results, list and replay dead letters,
-replay a load trace through a ScalingPolicy (``shoal simulate``, offline).
+start and follow workflow runs (``shoal run``, ``shoal runs``), replay a load trace
+through a ScalingPolicy (``shoal simulate``, offline).
 
 One typer app with a sub-app per noun (``shoal dlq ...``); verbs on tasks sit at the top
 (``shoal submit``). A later command is a function on ``app`` or a new sub-app added the
 same way as ``dlq_app``, using :func:`_run` so that it shares the exit codes and the
 one-line error reporting.
 
-Exit codes: 0 done, 1 the task was dead-lettered, 2 bad usage or input, 3 NATS
-unreachable or Shoal's streams missing, 4 no result within ``--timeout``.
+Exit codes: 0 done, 1 the task was dead-lettered or the run failed, 2 bad usage or input,
+3 NATS unreachable, Shoal's streams missing or no dispatcher answering, 4 no result within
+``--timeout``, 5 no such Workflow or run, 6 refused by the Kubernetes API server
+(``shoal approve``/``reject``: RBAC or the admission policy).
 """
 
 from __future__ import annotations
@@ -27,24 +30,44 @@ import nats.errors
 import typer
 import yaml
 from pydantic import ValidationError
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
+from shoal_api.approval import ApprovalSpec
 from shoal_api.autoscale import simulate as sim
 from shoal_api.autoscale.hpa_model import parse_behavior
 from shoal_api.autoscale.schedule import validate_window
 from shoal_api.envelope import DeadLetter, Result, Task, new_task_id, to_dict
+from shoal_api.runs.model import RunState
+from shoal_api.runs.wire import IDEMPOTENCY_KEY_MAX, RunReply
 from shoal_api.scaling import ScalingPolicySpec
+from shoal_runtime import approvals, kubeapi
 from shoal_runtime.client import (
     URL_ENV,
+    DispatcherUnavailableError,
     ReplayReport,
     ResultTimeoutError,
+    RunRejectedError,
     ShoalClient,
     ShoalConnectionError,
     ShoalError,
     StreamsMissingError,
     check_name,
 )
+from shoal_runtime.run_view import age as _age
+from shoal_runtime.run_view import (
+    change_lines,
+    header_lines,
+    live_view,
+    outcome_line,
+    runs_table,
+    steps_table,
+)
+from shoal_runtime.run_view import duration as _duration
+from shoal_runtime.run_view import to_json as _json
+from shoal_runtime.run_view import truncate as _truncate
 
 T = TypeVar("T")
 
@@ -55,7 +78,10 @@ class Exit(enum.IntEnum):
     USAGE = 2
     UNAVAILABLE = 3
     TIMEOUT = 4
+    NOT_FOUND = 5
+    FORBIDDEN = 6
     INTERRUPTED = 130
+    RUN_FAILED = DEAD_LETTERED  # the same news for a run: the work was not done
 
 
 class Output(enum.StrEnum):
@@ -70,7 +96,7 @@ class ListOutput(enum.StrEnum):
 
 app = typer.Typer(
     name="shoal",
-    help="Submit tasks to Shoal Agents and look after what could not be done.",
+    help="Submit tasks to Agents, start runs of Workflows, and look after what could not be done.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -80,6 +106,11 @@ dlq_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(dlq_app, name="dlq")
+runs_app = typer.Typer(
+    help="Workflow runs: list them, show one, follow one.",
+    no_args_is_help=True,
+)
+app.add_typer(runs_app, name="runs")
 
 NatsOpt = Annotated[
     str | None,
@@ -179,23 +210,6 @@ def describe(result: Result, submitted_to: str) -> str:
         return f"succeeded: {how} {result.agent}{after}{tries}"
     what = f"{result.reason}: {result.message}" if result.reason else (result.message or "")
     return f"dead-lettered by {result.agent}{after}{tries}: {what}"
-
-
-def _age(at: float) -> str:
-    seconds = max(0, int(time.time() - at))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
-def _truncate(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, indent=2, ensure_ascii=False)
 
 
 @app.command()
@@ -344,6 +358,423 @@ def dlq_replay(
     err.print(f"{len(report.replayed)} replayed, {len(report.skipped)} skipped")
 
 
+# -- approvals (Kubernetes writes, not NATS: the API server authenticates the approver) --
+
+
+def _decide(
+    decision: approvals.Decision,
+    run: str,
+    step: str,
+    namespace: str | None,
+    workflow: str,
+    comment: str,
+    wait: bool,
+    timeout: float,
+    kubeconfig: str | None,
+    context: str | None,
+    output: Output,
+) -> None:
+    verb = "approve" if decision == "Approve" else "reject"
+    try:
+        ApprovalSpec(
+            workflow=workflow, run=run, step=step, decision=decision, approver="-", comment=comment
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        _fail(Exit.USAGE, f"invalid {'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
+    try:
+        creds = kubeapi.load(kubeconfig, context)
+    except kubeapi.KubeConfigError as exc:
+        _fail(Exit.USAGE, str(exc))
+    ns = namespace or creds.namespace or "default"
+
+    async def go() -> approvals.Decided:
+        async with kubeapi.KubeApi(creds) as api:
+            return await approvals.decide(
+                api,
+                ns,
+                workflow=workflow,
+                run=run,
+                step=step,
+                decision=decision,
+                comment=comment,
+                wait=timeout if wait else None,
+            )
+
+    try:
+        decided = asyncio.run(go())
+    except kubeapi.KubeApiError as exc:
+        if exc.status == 401:
+            _fail(Exit.FORBIDDEN, f"the Kubernetes API did not accept your credentials: {exc}")
+        if exc.status == 403:
+            # Both say 403: RBAC, and the policy tying spec.approver to the caller.
+            who = "admission policy" if "admissionpolicy" in exc.message.lower() else "RBAC"
+            _fail(Exit.FORBIDDEN, f"you may not {verb} in namespace {ns} ({who}): {exc}")
+        if exc.status == 404 and exc.kind == "namespaces":
+            _fail(Exit.NOT_FOUND, f"namespace {ns} not found")
+        if exc.status == 404:
+            _fail(
+                Exit.UNAVAILABLE,
+                f"no Approval resource in this cluster (is Shoal installed?): {exc}",
+            )
+        if exc.status == 422:
+            _fail(Exit.USAGE, str(exc))
+        _fail(Exit.UNAVAILABLE, f"the Kubernetes API answered {exc.status} {exc.reason}: {exc}")
+    except kubeapi.KubeUnreachableError as exc:
+        _fail(Exit.UNAVAILABLE, str(exc))
+    except approvals.WaitTimeoutError as exc:
+        typer.echo(exc.decided.name)
+        _fail(Exit.TIMEOUT, f"{exc} within {timeout:g}s (the operator relays it when it can)")
+    except KeyboardInterrupt:
+        _fail(Exit.INTERRUPTED, "interrupted")
+    if output is Output.json:
+        typer.echo(_json(decided.approval))
+    else:
+        typer.echo(decided.name)
+        err.print(
+            f"{decision} of step {step} in run {run} (workflow {workflow}) recorded"
+            f" as {decided.approver}: approval {decided.name} in namespace {ns}"
+        )
+    if decided.phase == "Applied":
+        err.print(f"applied: {decided.message}")
+    elif decided.phase == "Ignored":
+        err.print(f"ignored ({decided.reason}): {decided.message}")
+        raise typer.Exit(Exit.NOT_FOUND if decided.reason == "RunNotFound" else Exit.RUN_FAILED)
+
+
+RunArg = Annotated[str, typer.Argument(metavar="RUN", help="The run id.")]
+StepArg = Annotated[str, typer.Argument(metavar="STEP", help="The step waiting for approval.")]
+ApprovalNamespaceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--namespace",
+        "-n",
+        envvar="SHOAL_NAMESPACE",
+        help="Namespace of the run. Default: the kubeconfig context's, else default.",
+        show_default=False,
+    ),
+]
+WorkflowOpt = Annotated[str, typer.Option("--workflow", help="The Workflow of the run.")]
+CommentOpt = Annotated[str, typer.Option("--comment", "-m", help="Why, for the run's record.")]
+DecisionWaitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--wait",
+        help="Wait until the run took the decision; exit 1 if the step was not waiting,"
+        " 5 if there is no such run.",
+    ),
+]
+DecisionTimeoutOpt = Annotated[
+    float, typer.Option(min=0, help="With --wait: give up after this many seconds.")
+]
+KubeconfigOpt = Annotated[
+    str | None,
+    typer.Option(help="Kubeconfig file. Default: $KUBECONFIG, ~/.kube/config, in-cluster."),
+]
+ContextOpt = Annotated[
+    str | None, typer.Option(help="Kubeconfig context. Default: its current-context.")
+]
+
+
+@app.command()
+def approve(
+    run: RunArg,
+    step: StepArg,
+    workflow: WorkflowOpt,
+    namespace: ApprovalNamespaceOpt = None,
+    comment: CommentOpt = "",
+    wait: DecisionWaitOpt = False,
+    timeout: DecisionTimeoutOpt = 30.0,
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+    output: Annotated[Output, typer.Option("--output", "-o")] = Output.text,
+) -> None:
+    """Approve a step waiting for approval: an Approval created as you, so Kubernetes RBAC
+    decides whether you may (ClusterRole shoal-approver); prints its name."""
+    _decide(
+        "Approve",
+        run,
+        step,
+        namespace,
+        workflow,
+        comment,
+        wait,
+        timeout,
+        kubeconfig,
+        context,
+        output,
+    )
+
+
+@app.command()
+def reject(
+    run: RunArg,
+    step: StepArg,
+    workflow: WorkflowOpt,
+    namespace: ApprovalNamespaceOpt = None,
+    comment: CommentOpt = "",
+    wait: DecisionWaitOpt = False,
+    timeout: DecisionTimeoutOpt = 30.0,
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+    output: Annotated[Output, typer.Option("--output", "-o")] = Output.text,
+) -> None:
+    """Reject a step waiting for approval (the step fails, reason ApprovalRejected); as
+    approve, an Approval created as you."""
+    _decide(
+        "Reject",
+        run,
+        step,
+        namespace,
+        workflow,
+        comment,
+        wait,
+        timeout,
+        kubeconfig,
+        context,
+        output,
+    )
+
+
+# -- workflow runs -----------------------------------------------------------------------
+
+WatchOpt = Annotated[
+    bool,
+    typer.Option(
+        "--watch",
+        "-w",
+        help="Follow the run step by step until it ends; exit 0 if it succeeded, 1 if it"
+        " failed. Ctrl-C stops watching, not the run.",
+    ),
+]
+
+
+def _server(client: ShoalClient) -> str:
+    # Scheme, host and port only: a URL may carry a user and password.
+    url = client.nc.connected_url
+    return f"{url.scheme}://{url.hostname}:{url.port}" if url else "(disconnected)"
+
+
+def _rejected(exc: RunRejectedError, namespace: str, workflow: str) -> NoReturn:
+    """The dispatcher's refusal as the CLI's usual one line and exit code."""
+    match exc.code:
+        case "WorkflowNotFound":
+            _fail(Exit.NOT_FOUND, f"workflow {workflow} not found in namespace {namespace}")
+        case "InvalidInput":
+            _fail(Exit.USAGE, f"invalid input for workflow {workflow}: {exc.message}")
+        case "InvalidWorkflow":
+            _fail(Exit.USAGE, f"workflow {namespace}/{workflow} cannot run: {exc.message}")
+        case "Unavailable":
+            _fail(Exit.UNAVAILABLE, f"the dispatcher could not store the run: {exc.message}")
+        case _:
+            _fail(Exit.USAGE, f"run refused ({exc.code}): {exc.message}")
+
+
+async def _follow(client: ShoalClient, namespace: str, run_id: str) -> RunState | None:
+    """Shows the run's progress on stderr until it ends; its last state (None when there
+    is no such run).
+
+    stderr, because stdout carries only the run's output. A terminal gets a table redrawn
+    in place; anything else (a pipe, a CI log) gets a line per change, since redrawing
+    there would write the table again at every change."""
+    last: RunState | None = None
+    try:
+        if err.is_terminal:
+
+            def view() -> RenderableType:
+                # Called from rich's refresh thread too: durations of running steps tick.
+                now = time.time()
+                return live_view(last, now) if last is not None else Text(f"run {run_id}")
+
+            with Live(
+                get_renderable=view,
+                console=err,
+                refresh_per_second=4,
+                vertical_overflow="visible",
+            ):
+                async for state in client.watch_run(namespace, run_id):
+                    last = state
+        else:
+            async for state in client.watch_run(namespace, run_id):
+                for line in change_lines(last, state, time.time()):
+                    typer.echo(line, err=True)
+                last = state
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        if last is None or not last.terminal:
+            typer.echo(
+                f"stopped watching; run {run_id} keeps running."
+                f" Re-attach with: shoal runs get {run_id} -n {namespace} --watch",
+                err=True,
+            )
+        raise
+    return last
+
+
+def _finish(state: RunState | None, run_id: str, namespace: str, output: Output) -> None:
+    """After watching: the outcome on stderr, the output on stdout, the exit code."""
+    if state is None:
+        _fail(Exit.NOT_FOUND, f"run {run_id} not found in namespace {namespace}")
+    if not state.terminal:
+        # The watch ends early only when the record goes: deleted or purged from KV.
+        _fail(Exit.NOT_FOUND, f"run {run_id} was deleted while {state.phase}")
+    if output is Output.json:
+        typer.echo(_json(to_dict(state)))
+    else:
+        typer.echo(outcome_line(state, time.time()), err=True)
+        if state.phase == "Succeeded":
+            typer.echo(_json(state.output))
+    if state.phase != "Succeeded":
+        raise typer.Exit(Exit.RUN_FAILED)
+
+
+@app.command("run")
+def run_cmd(
+    workflow: Annotated[str, typer.Argument(help="The Workflow to run.")],
+    namespace: NamespaceOpt = "default",
+    input: Annotated[
+        str | None,
+        typer.Option(
+            "--input",
+            "-i",
+            help="The run's input: JSON text, @FILE with JSON, or - to read JSON from stdin.",
+            show_default=False,
+        ),
+    ] = None,
+    priority: Annotated[
+        int | None,
+        typer.Option(
+            min=0, max=9, help="0 (lowest) to 9. Default: the Workflow's.", show_default=False
+        ),
+    ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(
+            "--idempotency-key",
+            help="Submitting the same key again returns the first run instead of a new one.",
+            show_default=False,
+        ),
+    ] = None,
+    watch: WatchOpt = False,
+    nats_url: NatsOpt = None,
+    output: Annotated[Output, typer.Option("--output", "-o")] = Output.text,
+) -> None:
+    """Start a run of a Workflow; print its id, or with --watch follow it to the end."""
+    _check_names(namespace, None)
+    try:
+        check_name("workflow", workflow)
+    except ValueError as exc:
+        _fail(Exit.USAGE, str(exc))
+    if idempotency_key is not None and not 0 < len(idempotency_key) <= IDEMPOTENCY_KEY_MAX:
+        _fail(Exit.USAGE, f"--idempotency-key must be 1 to {IDEMPOTENCY_KEY_MAX} characters")
+    payload = _read_input(input)
+
+    async def go(client: ShoalClient) -> tuple[RunReply, str, RunState | None]:
+        try:
+            reply = await client.submit_run(
+                namespace, workflow, payload, priority=priority, idempotency_key=idempotency_key
+            )
+        except RunRejectedError as exc:
+            _rejected(exc, namespace, workflow)
+        except DispatcherUnavailableError:
+            _fail(
+                Exit.UNAVAILABLE,
+                f"no dispatcher answered on NATS at {_server(client)}:"
+                " is the Shoal operator running?",
+            )
+        if reply.run is None:
+            raise ShoalError("the dispatcher's reply names no run")
+        if not watch:
+            return reply, reply.run, None
+        typer.echo(_created(reply.run, reply.created), err=True)
+        return reply, reply.run, await _follow(client, namespace, reply.run)
+
+    reply, run_id, final = _run(go, nats_url)
+    if watch:
+        _finish(final, run_id, namespace, output)
+    elif output is Output.json:
+        typer.echo(
+            _json(
+                {
+                    "run": run_id,
+                    "created": reply.created,
+                    "phase": reply.phase,
+                    "workflow": workflow,
+                    "namespace": namespace,
+                }
+            )
+        )
+    else:
+        typer.echo(_created(run_id, reply.created))
+
+
+def _created(run_id: str, created: bool) -> str:
+    return f"run {run_id} " + ("created" if created else "already exists (idempotency key)")
+
+
+@runs_app.command("list")
+def runs_list(
+    namespace: NamespaceOpt = "default",
+    workflow: Annotated[
+        str | None,
+        typer.Option("--workflow", "-W", help="Only this Workflow's.", show_default=False),
+    ] = None,
+    nats_url: NatsOpt = None,
+    output: Annotated[ListOutput, typer.Option("--output", "-o")] = ListOutput.table,
+) -> None:
+    """List the runs still kept, newest first."""
+    _check_names(namespace, None)
+
+    async def go(client: ShoalClient) -> list[RunState]:
+        return await client.list_runs(namespace, workflow)
+
+    runs = _run(go, nats_url)
+    if output is ListOutput.json:
+        typer.echo(_json([to_dict(r) for r in runs]))
+        return
+    if not runs:
+        of = f" of workflow {workflow}" if workflow else ""
+        typer.echo(f"no runs{of} in {namespace}", err=True)
+        return
+    out.print(runs_table(runs, time.time()))
+
+
+@runs_app.command("get")
+def runs_get(
+    run: Annotated[str, typer.Argument(help="The run's id.")],
+    namespace: NamespaceOpt = "default",
+    watch: WatchOpt = False,
+    nats_url: NatsOpt = None,
+    output: Annotated[Output, typer.Option("--output", "-o")] = Output.text,
+) -> None:
+    """Show a run: its phase and every step's; with --watch follow it to the end."""
+    _check_names(namespace, None)
+
+    async def go(client: ShoalClient) -> RunState | None:
+        try:
+            state = await client.get_run(namespace, run)
+        except ValueError as exc:  # the run id: it becomes part of a KV key
+            _fail(Exit.USAGE, str(exc))
+        if state is None or not watch:
+            return state
+        return await _follow(client, namespace, run)
+
+    state = _run(go, nats_url)
+    if watch or state is None:
+        _finish(state, run, namespace, output)
+        return
+    if output is Output.json:
+        typer.echo(_json(to_dict(state)))
+        return
+    now = time.time()
+    for line in header_lines(state, now):
+        typer.echo(line)
+    typer.echo("")
+    out.print(steps_table(state, now))
+    if state.phase == "Succeeded":
+        typer.echo("\noutput:")
+        typer.echo(_json(state.output))
+
+
 def _load_policy(path: Path, name: str | None) -> tuple[str, ScalingPolicySpec]:
     """The ScalingPolicy in ``path`` (which may hold other documents too), validated."""
     try:
@@ -385,15 +816,6 @@ def _parse_start(text: str) -> datetime:
     except ValueError:
         _fail(Exit.USAGE, f"--start {text!r} is not an ISO 8601 time (e.g. 2026-01-05T00:00:00Z)")
     return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
-
-
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h {minutes}m"
-    return f"{minutes}m {secs}s" if minutes else f"{secs}s"
 
 
 @app.command("simulate")

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.js import api
 from nats.js.client import JetStreamContext
+from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from shoal_api import nats_layout as nl
@@ -40,6 +42,8 @@ from shoal_api.envelope import (
     Task,
     new_task_id,
 )
+from shoal_api.runs.model import RunState
+from shoal_api.runs.wire import RunReply, RunRequest, run_key
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +62,23 @@ FETCH_BATCH = 256
 # A result watch whose consumer vanished (NATS restarted: ordered consumers live in
 # memory) notices after two missed heartbeats and recreates it.
 WATCH_HEARTBEAT_SECONDS = 2.0
+# A run submission is retried (same run id) until its timeout: an operator failing over
+# leaves no dispatcher for a few seconds.
+SUBMIT_ATTEMPT_SECONDS = 5.0
+SUBMIT_RETRY_SECONDS = 0.5
 
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+def _run_id(value: str) -> str:
+    """Run ids end up in KV keys: no dots or wildcards."""
+    if not _RUN_ID.match(value):
+        raise ValueError(f"run {value!r} is not a valid run id (A-Z, a-z, 0-9, _, -)")
+    return value
 
 
 def check_name(kind: str, value: str) -> str:
@@ -88,6 +106,20 @@ class StreamsMissingError(ShoalError):
             " (is the Shoal operator running and connected to it?)"
             + (f": {detail}" if detail else "")
         )
+
+
+class RunRejectedError(ShoalError):
+    """The dispatcher refused a run: ``code`` says why (``shoal_api.runs.wire.ErrorCode``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class DispatcherUnavailableError(ShoalError):
+    """No dispatcher answered a run submission (the Shoal operator is not running, or has
+    no connection to this NATS server)."""
 
 
 class ResultTimeoutError(ShoalError, TimeoutError):
@@ -334,6 +366,130 @@ class ShoalClient:
         except nats.js.errors.ServiceUnavailableError:
             raise StreamsMissingError("JetStream does not answer") from None
         return Result.model_validate_json(msg.data or b"")
+
+    # -- workflow runs -------------------------------------------------------------------
+
+    async def submit_run(
+        self,
+        namespace: str,
+        workflow: str,
+        input: Any,
+        *,
+        priority: int | None = None,
+        idempotency_key: str | None = None,
+        timeout: float = 10,  # noqa: ASYNC109
+    ) -> RunReply:
+        """Starts a run of ``workflow``; returns once the dispatcher has stored it.
+
+        With ``idempotency_key``, a second submission returns the first run
+        (``created`` False) instead of starting another. Raises :class:`RunRejectedError`
+        for a missing Workflow or invalid input, :class:`DispatcherUnavailableError` when
+        no dispatcher answers."""
+        subject = nl.run_subject(
+            check_name("namespace", namespace), check_name("workflow", workflow)
+        )
+        # The run id is chosen here, so that a retry of this submission (its reply lost,
+        # or no dispatcher for a moment while the operator fails over) is the same run.
+        request = RunRequest(
+            id=secrets.token_hex(8),
+            input=input,
+            priority=priority,
+            idempotency_key=idempotency_key,
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            left = deadline - loop.time()
+            try:
+                msg = await self.nc.request(
+                    subject, request.to_json(), timeout=max(0.1, min(left, SUBMIT_ATTEMPT_SECONDS))
+                )
+                break
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
+                if loop.time() + SUBMIT_RETRY_SECONDS >= deadline:
+                    why = (
+                        "no dispatcher answered"
+                        if isinstance(exc, nats.errors.NoRespondersError)
+                        else "no answer"
+                    )
+                    raise DispatcherUnavailableError(
+                        f"{why} on {subject} within {timeout:g}s: is the Shoal operator running?"
+                    ) from None
+                await asyncio.sleep(SUBMIT_RETRY_SECONDS)
+        reply = RunReply.model_validate_json(msg.data)
+        if reply.error is not None:
+            raise RunRejectedError(reply.error.code, reply.error.message)
+        return reply
+
+    async def _runs(self) -> KeyValue:
+        try:
+            return await self.js.key_value(nl.RUNS_BUCKET)
+        except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
+            raise StreamsMissingError(f"bucket {nl.RUNS_BUCKET} is missing") from None
+        except nats.js.errors.ServiceUnavailableError:
+            raise StreamsMissingError("JetStream does not answer") from None
+
+    async def get_run(self, namespace: str, run: str) -> RunState | None:
+        """The run's current record, or None when there is no such run."""
+        kv = await self._runs()
+        try:
+            entry = await kv.get(run_key(check_name("namespace", namespace), _run_id(run)))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return RunState.model_validate_json(entry.value or b"")
+
+    async def watch_run(self, namespace: str, run: str) -> AsyncIterator[RunState]:
+        """The run's record now and after every change, until it is finished. Ends at
+        once (with nothing) when there is no such run."""
+        kv = await self._runs()
+        key = run_key(check_name("namespace", namespace), _run_id(run))
+        watcher = await kv.watch(key, inactive_threshold=EPHEMERAL_INACTIVE_SECONDS)
+        try:
+            while True:
+                entry = await watcher.updates(timeout=None)  # type: ignore[no-untyped-call]
+                if entry is None:  # the end of the initial values
+                    if not await self._exists(kv, key):
+                        return
+                    continue
+                if entry.operation is not None or not entry.value:
+                    return  # deleted or purged
+                state = RunState.model_validate_json(entry.value)
+                yield state
+                if state.terminal:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py
+
+    @staticmethod
+    async def _exists(kv: KeyValue, key: str) -> bool:
+        try:
+            await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return False
+        return True
+
+    async def list_runs(self, namespace: str, workflow: str | None = None) -> list[RunState]:
+        """The namespace's runs still kept in KV (of one Workflow if named), newest first."""
+        kv = await self._runs()
+        prefix = f"{check_name('namespace', namespace)}."
+        watcher = await kv.watch(f"{prefix}*", inactive_threshold=EPHEMERAL_INACTIVE_SECONDS)
+        runs: list[RunState] = []
+        try:
+            while (entry := await watcher.updates(timeout=5)) is not None:  # type: ignore[no-untyped-call]
+                if entry.operation is not None or not entry.value:
+                    continue
+                try:
+                    state = RunState.model_validate_json(entry.value)
+                except ValidationError as exc:
+                    log.warning("ignoring unreadable run record %s: %s", entry.key, exc)
+                    continue
+                if workflow is None or state.workflow == workflow:
+                    runs.append(state)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py
+        return sorted(runs, key=lambda r: (-r.created, r.id))
 
     # -- dead letters --------------------------------------------------------------------
 

@@ -23,6 +23,18 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from shoal_runtime.run_context import ContextConflict, RunClosedError, RunContext
+
+__all__ = [
+    "Context",
+    "ContextConflict",
+    "HandlerError",
+    "PermanentError",
+    "RetryableError",
+    "RunClosedError",
+    "RunContext",
+]
+
 HANDLER_LOG = logging.getLogger("shoal.handler")
 Handler = Callable[[Any, "Context"], Any | Awaitable[Any]]
 
@@ -61,6 +73,8 @@ class Context:
     step: str | None = None
     path: tuple[str, ...] = ()
     trace: dict[str, str] = field(default_factory=dict)
+    shared: RunContext | None = None
+    """The run's shared context (tasks of workflow runs only; None otherwise)."""
     confidence: float | None = None
     input_tokens: int = 0
     output_tokens: int = 0

@@ -76,10 +76,7 @@ class CircuitSync:
         self._task = asyncio.create_task(self._watch(), name="circuit-watch")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
     async def publish(self, transition: Transition) -> None:
         """Writes our transition unless another replica already moved the circuit later."""
@@ -252,10 +249,7 @@ class UsageLedger:
         self._task = asyncio.create_task(self._loop(), name="usage-ledger")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         with contextlib.suppress(Exception):
             await self.flush()
 
@@ -325,10 +319,7 @@ class StatsReporter:
         self._task = asyncio.create_task(self._loop(kv, key, pod, in_flight), name="stats")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
     async def _loop(self, kv: KeyValue, key: str, pod: str, in_flight: Callable[[], int]) -> None:
         while True:
@@ -379,6 +370,21 @@ class ResultCache:
     async def put(self, input: Any, output: Any) -> None:
         body = canonical_json({"exp": self.clock() + self.ttl, "output": output}).encode()
         await self.kv.put(self.key(input), body)
+
+
+async def stop_task(task: asyncio.Task[Any] | None, within: float = 5.0) -> None:
+    """Cancels ``task`` and waits until it ends (at most ``within`` seconds).
+
+    A cancel can be lost: on Python 3.11, ``asyncio.wait_for`` (inside nats-py's requests)
+    swallows one that races with the reply, and a loop would go on forever. So the task
+    is cancelled again until it ends."""
+    if task is None:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not task.done() and loop.time() < deadline:
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
 
 
 async def open_buckets(js: JetStreamContext) -> dict[str, KeyValue]:

@@ -24,19 +24,21 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-import jsonschema
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
+from nats.js.kv import KeyValue
 
 from shoal_api import envelope as env
 from shoal_api import nats_layout as nl
 from shoal_api.agent import AgentSpec
+from shoal_api.json_schema import validator, violation
 from shoal_runtime.breaker import Breaker, Transition
 from shoal_runtime.config import Settings
 from shoal_runtime.handlers import Handlers
 from shoal_runtime.metrics import Metrics
+from shoal_runtime.run_context import RunContext
 from shoal_runtime.sdk import Context, PermanentError, RetryableError
 from shoal_runtime.shared import (
     CircuitSync,
@@ -47,6 +49,7 @@ from shoal_runtime.shared import (
     TokenRateLimiter,
     UsageLedger,
     open_buckets,
+    stop_task,
     wall_clock,
 )
 from shoal_runtime.stream import AckedPublisher, Puller, delivery
@@ -81,24 +84,6 @@ class Job:
         return self.task.attempt - 1 + self.delivered
 
 
-def _validator(schema: Any) -> jsonschema.protocols.Validator | None:
-    if schema is None:
-        return None
-    cls = jsonschema.validators.validator_for(schema)
-    cls.check_schema(schema)
-    return cls(schema)
-
-
-def _violation(validator: jsonschema.protocols.Validator | None, value: Any) -> str | None:
-    if validator is None:
-        return None
-    error = jsonschema.exceptions.best_match(validator.iter_errors(value))
-    if error is None:
-        return None
-    where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-    return f"{where}: {error.message}"
-
-
 class Worker:
     def __init__(
         self,
@@ -113,8 +98,8 @@ class Worker:
         self.clock = clock
         self.handlers = handlers or Handlers(self.spec, settings.llm_api_key)
         self.metrics = Metrics(self.ns, self.agent)
-        self.input_schema = _validator(self.spec.contract.input)
-        self.output_schema = _validator(self.spec.contract.output)
+        self.input_schema = validator(self.spec.contract.input)
+        self.output_schema = validator(self.spec.contract.output)
         self.delays = self.spec.retry.delays()
         self.breaker = Breaker(self.spec.circuit_breaker) if self.spec.circuit_breaker else None
         self.ready = False
@@ -129,7 +114,6 @@ class Worker:
         self.stats = StatsReporter(clock)
         # Read at scrape time rather than updated per task.
         self.metrics.in_flight.set_function(lambda: len(self._inflight))
-        self.metrics.queue_lag.set_function(lambda: self._pending + len(self._inflight))
         self._batches: asyncio.Queue[Job] | None = None
         self.nc: Client | None = None
         self.circuit: CircuitSync | None = None
@@ -137,6 +121,7 @@ class Worker:
         self.token_limiter: TokenRateLimiter | None = None
         self.ledger: UsageLedger | None = None
         self.cache: ResultCache | None = None
+        self.runs: KeyValue | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -164,14 +149,22 @@ class Worker:
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
             connect_timeout=5,
+            reconnected_cb=self._reconnected,
         )
         self.js = self.nc.jetstream(timeout=10)
         self.publisher = AckedPublisher(self.nc)
         await self.publisher.start()
         self.puller = Puller(
-            self.nc, nl.TASKS_STREAM, nl.consumer_name(self.ns, self.agent), self._accept
+            self.nc,
+            nl.TASKS_STREAM,
+            [(nl.consumer_name(self.ns, self.agent, b.name), b.weight) for b in nl.BANDS],
+            self._accept,
+            expires=FETCH_WAIT,
+            wake=self._slot,
         )
         await self.puller.start()
+        # Queued in every band as last seen; read at scrape time like in_flight.
+        self.metrics.queue_lag.set_function(lambda: self.puller.pending + len(self._inflight))
         kv = await open_buckets(self.js)
         key = nl.agent_key(self.ns, self.agent)
         if self.breaker is not None:
@@ -200,12 +193,14 @@ class Worker:
             s.pod_name,
             lambda: len(self._inflight),
         )
+        self.runs = kv[nl.RUNS_BUCKET]
         self.ledger = UsageLedger(kv[nl.USAGE_BUCKET], key, self.clock)
         await self.ledger.start()
         if self.spec.cache is not None:
             self.cache = ResultCache(
                 kv[nl.CACHE_BUCKET], self.ns, self.agent, self.spec.cache.ttl_seconds, self.clock
             )
+        # The bands' consumers differ only in name and filter: any one tells the ack wait.
         info = await self.js.consumer_info(nl.TASKS_STREAM, nl.consumer_name(self.ns, self.agent))
         waits = [w for w in (info.config.ack_wait, *(info.config.backoff or ())) if w]
         # A third of the shortest ack wait the consumer really has, whoever declared it.
@@ -216,11 +211,11 @@ class Worker:
             self._background.append(asyncio.create_task(self._batch_loop(), name="batches"))
         self.ready = True
         log.info(
-            "serving %s/%s (concurrency %d, consumer %s)",
+            "serving %s/%s (concurrency %d, consumers %s)",
             self.ns,
             self.agent,
             self.spec.concurrency,
-            nl.consumer_name(self.ns, self.agent),
+            ", ".join(nl.consumer_names(self.ns, self.agent)),
         )
 
     async def drain(self) -> None:
@@ -237,11 +232,7 @@ class Worker:
 
     async def close(self) -> None:
         self.ready = False
-        for task in self._background:
-            task.cancel()
-        for task in self._background:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*(stop_task(task) for task in self._background))
         await self.stats.stop()
         if self.circuit is not None:
             await self.circuit.stop()
@@ -288,10 +279,14 @@ class Worker:
                 log.warning("pull request failed (%s); retrying", exc)
                 await asyncio.sleep(0.5)
                 continue
-            if self.puller.last_status.startswith("409"):
+            if self.puller.last_status:  # e.g. 409 consumer deleted, 503 no consumer
                 log.warning("consumer refused the pull: %s", self.puller.last_status)
                 self.puller.last_status = ""
                 await asyncio.sleep(FETCH_WAIT)
+
+    async def _reconnected(self) -> None:
+        if self.ready:
+            self.puller.reconnected()
 
     def _accept(self, msg: Msg) -> None:
         if self.stopping:
@@ -353,7 +348,11 @@ class Worker:
             await self._dead_letter(msg, None, "MalformedEnvelope", str(exc), delivered)
             raise DisposedError from None
         job = Job(msg, task, delivered, self.clock(), self._context(task, delivered))
-        if delivered > 1 and await self._already_recorded(task):
+        # A workflow step is looked up even on its first delivery: after a NATS restart
+        # the stream has forgotten the ids of tasks already done (its duplicate window
+        # lives with the stored messages), so a dispatcher's replayed publish of a
+        # finished step arrives as new. A step with a recorded result never runs again.
+        if (delivered > 1 or task.run is not None) and await self._already_recorded(task):
             await msg.ack()
             self.metrics.outcome["duplicate"].inc()
             raise DisposedError
@@ -370,7 +369,7 @@ class Worker:
                 job.attempts,
             )
             raise DisposedError
-        if problem := _violation(self.input_schema, task.input):
+        if problem := violation(self.input_schema, task.input):
             await self._dead_letter(
                 msg,
                 task,
@@ -406,6 +405,11 @@ class Worker:
             step=task.step,
             path=tuple(h.agent for h in task.path),
             trace=dict(task.trace),
+            shared=(
+                RunContext(self.runs, self.ns, task.run)
+                if task.run is not None and self.runs is not None
+                else None
+            ),
         )
 
     async def _admit(self, job: Job) -> None:
@@ -460,7 +464,7 @@ class Worker:
     async def _execute(self, jobs: list[Job]) -> None:
         """Runs the handler once for ``jobs`` (one, or a batch) and settles each job."""
         ctx = jobs[0].ctx
-        timeout = float(self.spec.timeout_seconds)
+        timeout = min(j.task.timeout or float(self.spec.timeout_seconds) for j in jobs)
         deadlines = [j.task.deadline for j in jobs if j.task.deadline is not None]
         if deadlines:
             timeout = max(0.001, min(timeout, min(deadlines) - self.clock()))
@@ -515,7 +519,7 @@ class Worker:
     async def _succeeded(
         self, job: Job, output: Any, confidence: float | None, ctx: Context
     ) -> None:
-        if problem := _violation(self.output_schema, output):
+        if problem := violation(self.output_schema, output):
             await self._failed(
                 job, OutputViolationError(f"output violates the contract: {problem}")
             )
@@ -546,7 +550,8 @@ class Worker:
         if isinstance(error, PermanentError):
             await self._dead_letter(job.msg, job.task, reason, message, job.attempts)
             return
-        if job.delivered < self.spec.retry.max_attempts:
+        own = self.spec.retry.max_attempts
+        if job.delivered < min(own, job.task.max_attempts or own):
             delay = self.delays[job.delivered - 1]
             if isinstance(error, RetryableError) and error.retry_after is not None:
                 delay = max(delay, error.retry_after)

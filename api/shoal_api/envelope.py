@@ -62,6 +62,13 @@ class Task(WireModel):
     """Workflow run the task belongs to, if any."""
     step: Annotated[str, Field(max_length=63)] | None = None
     """Workflow step the task belongs to, if any."""
+    timeout: Annotated[float, Field(gt=0, le=86400)] | None = None
+    """Per-attempt time limit in seconds, instead of the Agent's (a workflow step's
+    ``timeoutSeconds``)."""
+    max_attempts: Annotated[int, Field(ge=1, le=100)] | None = None
+    """Attempts the Agent may spend at most (fewer than its own retry allows): a workflow
+    step with its own ``retry`` re-dispatches itself and sets 1 here, so retries do not
+    multiply."""
     path: tuple[Hop, ...] = ()
     """Provenance: Agents that passed this task on (fallback-from, escalated-from)."""
     trace: dict[str, str] = Field(default_factory=dict)

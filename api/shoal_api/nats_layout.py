@@ -9,13 +9,16 @@ every name below unambiguous.
 - result of a task or run: ``shoal.result.<ns>.<id>``, stream ``SHOAL_RESULTS`` (limits)
 - dead letter: ``shoal.dlq.<ns>.<agent>``, stream ``SHOAL_DLQ`` (limits)
 - workflow run submission: ``shoal.run.<ns>.<workflow>``
-- an Agent's durable consumer: ``<ns>_<agent>`` on ``SHOAL_TASKS``, filtered on its tasks
+- an Agent's durable consumers on ``SHOAL_TASKS``: one per priority band (see
+  :data:`BANDS`), ``<ns>_<agent>_<band>``, except the normal band's ``<ns>_<agent>``
 - KV buckets ``shoal-circuit``, ``shoal-cache``, ``shoal-runs``, ``shoal-usage``, keyed
   ``<ns>.<agent>[.<rest>]``; ``shoal-stats`` (entries expire after 30 s) holds each
   runtime pod's live figures at ``<ns>.<agent>.<pod>``
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 TASKS_STREAM = "SHOAL_TASKS"
 RESULTS_STREAM = "SHOAL_RESULTS"
@@ -35,6 +38,32 @@ BUCKETS = (CIRCUIT_BUCKET, CACHE_BUCKET, RUNS_BUCKET, USAGE_BUCKET, STATS_BUCKET
 BUCKET_TTL_SECONDS = {STATS_BUCKET: 30}
 
 PRIORITIES = range(10)
+
+
+@dataclass(frozen=True)
+class Band:
+    """Priorities an Agent's runtimes serve together, from one durable consumer."""
+
+    name: str
+    priorities: range
+    weight: int
+    """This band's share of the runtime's capacity while other bands have work too:
+    ``weight / sum(weights of the bands with work)``. A band alone gets it all."""
+
+
+# Highest first, the order the runtimes drain them. With every band backlogged, of each
+# 10 tasks taken about 7 are high, 2 normal and 1 low: high wins clearly, yet a low task
+# still runs within ~10 (no starvation). Within a band, tasks go in arrival order.
+# JetStream refuses overlapping consumers on a work-queue stream, so the ranges must
+# partition PRIORITIES.
+BANDS = (
+    Band("high", range(7, 10), 7),
+    Band("normal", range(4, 7), 2),
+    Band("low", range(0, 4), 1),
+)
+# Keeps the Agent's original consumer name: the default priority (5) is in it, so a
+# consumer declared before bands existed is narrowed in place rather than replaced.
+NAMED_BAND = "normal"
 
 
 def task_subject(namespace: str, agent: str, priority: int) -> str:
@@ -60,9 +89,28 @@ def run_subject(namespace: str, workflow: str) -> str:
     return f"shoal.run.{namespace}.{workflow}"
 
 
-def consumer_name(namespace: str, agent: str) -> str:
-    """The Agent's durable consumer on the tasks stream (no dots allowed in names)."""
-    return f"{namespace}_{agent}"
+def band_of(priority: int) -> Band:
+    for band in BANDS:
+        if priority in band.priorities:
+            return band
+    raise ValueError(f"priority {priority} is not in 0..9")
+
+
+def band_task_subjects(namespace: str, agent: str, band: Band) -> list[str]:
+    """The subjects of one band of the Agent's tasks (its consumer's filter)."""
+    return [task_subject(namespace, agent, p) for p in band.priorities]
+
+
+def consumer_name(namespace: str, agent: str, band: str = NAMED_BAND) -> str:
+    """One of the Agent's durable consumers on the tasks stream, by band (no dots are
+    allowed in names; DNS labels have no underscores, so the parts stay apart)."""
+    base = f"{namespace}_{agent}"
+    return base if band == NAMED_BAND else f"{base}_{band}"
+
+
+def consumer_names(namespace: str, agent: str) -> list[str]:
+    """All of the Agent's durable consumers, in drain order (:data:`BANDS`)."""
+    return [consumer_name(namespace, agent, b.name) for b in BANDS]
 
 
 def agent_key(namespace: str, agent: str) -> str:

@@ -1,9 +1,11 @@
-"""Drafts the answer to the customer; ``handle_basic`` is the template fallback."""
+"""Drafts the answer to the customer; ``handle_basic`` is the template fallback (the
+``support-basic`` Agent), used when ``support`` keeps failing."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from shoal_examples.auth import PROFILE_KEY
 from shoal_runtime.sdk import Context
 
 TEMPLATES = {
@@ -17,8 +19,16 @@ async def handle(input: dict[str, Any], ctx: Context) -> dict[str, Any]:
     category = str(input.get("category", "general"))
     text = str(input.get("text", ""))
     opening = TEMPLATES.get(category, TEMPLATES["general"])
-    return {"answer": f"{opening} (re: {text[:80]})", "category": category}
+    # In a run, auth left the profile in the run context: greet the customer by name
+    # without another CRM query. Outside a run there is no name; the answer stays valid.
+    greeting = "Hello!"
+    if ctx.shared is not None:
+        profile, _ = await ctx.shared.get(PROFILE_KEY)
+        if isinstance(profile, dict) and profile.get("name"):
+            greeting = f"Hello {profile['name']}!"
+    return {"answer": f"{greeting} {opening} (re: {text[:80]})", "category": category}
 
 
 async def handle_basic(input: dict[str, Any], ctx: Context) -> dict[str, Any]:
-    return {"answer": TEMPLATES["general"], "category": "general"}
+    """The fallback: no model, no context, one safe template."""
+    return {"answer": TEMPLATES["general"], "category": "general", "fallback": True}

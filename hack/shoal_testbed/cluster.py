@@ -212,6 +212,19 @@ class LocalCluster:
             with contextlib.suppress(OSError):
                 self.dir.rmdir()
 
+    def restart_nats(self, down_seconds: float = 0.0) -> None:
+        """Stops nats-server (SIGTERM) and starts it again on the same port and store, as
+        a NATS restart in production would: what it stored must survive."""
+        pid = self._pid("nats")
+        if pid is not None:
+            _terminate(pid)
+        time.sleep(down_seconds)
+        ep = self.endpoints
+        self._start_nats(ep)
+        wait_for(
+            "nats-server listening", lambda: _port_open(ep.nats_port), 30, self.logs / "nats.log"
+        )
+
     def user_kubeconfig(self, user: str, groups: tuple[str, ...] = ()) -> Path:
         """A kubeconfig that authenticates as ``user`` (client certificate) in ``groups``."""
         pair = pki.issue_client_cert(self._ca(), self.pki, user, groups)
@@ -556,6 +569,12 @@ class LocalCluster:
         url = f"https://127.0.0.1:{self.endpoints.api_port}/readyz"
         with urllib.request.urlopen(url, context=ctx, timeout=2) as resp:
             return bool(resp.status == 200)
+
+
+def _port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+        return True
+    return False
 
 
 def _wait_gone(pid: int, grace: float) -> bool:

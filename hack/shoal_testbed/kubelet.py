@@ -8,7 +8,7 @@ would run the pod's ``runtime`` container:
 
 - the environment is the container's, resolved like a kubelet does (literal values with
   ``$(VAR)`` expansion, ``fieldRef``, ``secretKeyRef``, ``configMapKeyRef``, ``envFrom``),
-  plus ``PATH``/``HOME``/``LANG``, ``PYTHONPATH=<repo>/examples``, free loopback ports in
+  plus ``PATH``/``HOME``/``LANG``, ``PYTHONPATH=<repo>/examples:<repo>``, free loopback ports in
   ``SHOAL_HEALTH_PORT``/``SHOAL_METRICS_PORT`` (every pod would otherwise bind 8080/9090),
   ``SHOAL_STANDIN_POD=<ns>/<pod>`` and ``SHOAL_STANDIN_DIR=<state dir>``;
 - a missing non-optional Secret or ConfigMap key keeps the process from starting (the
@@ -506,7 +506,9 @@ class KubeletStandIn:
 
     def _process_env(self, slot: Slot, container_env: dict[str, str]) -> dict[str, str]:
         env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
-        env["PYTHONPATH"] = str(REPO / "examples")
+        # The image holds the examples; the repository root lets tests load handlers
+        # from tests/ (test-bed only).
+        env["PYTHONPATH"] = os.pathsep.join((str(REPO / "examples"), str(REPO)))
         env["PYTHONUNBUFFERED"] = "1"
         env.update(container_env)
         # Ours win over the pod's: they are what makes many pods fit on one loopback.

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from shoal_api import nats_layout as nl
 from shoal_api.agent import AgentSpec
+from shoal_api.approval import ApprovalSpec
 from shoal_api.autoscale.policy import Plan
 from shoal_api.base import ApiModel
 from shoal_api.runtime_state import CircuitRecord, UsageRecord
@@ -34,13 +35,16 @@ from shoal_operator.builders.apiservice import MetricsProvider
 from shoal_operator.builders.common import Owner
 from shoal_operator.builders.deployment import RuntimeDefaults
 from shoal_operator.conditions import Cond, EventSpec, merge_conditions, transition_events
+from shoal_operator.dispatcher import Dispatcher, LagSource, WorkflowView, view_of
 from shoal_operator.jetstream_admin import JetStreamAdmin, queue_counts
 from shoal_operator.kube import Kube
 from shoal_operator.leader import LeaderElector
 from shoal_operator.reconcilers import agent as agent_rec
+from shoal_operator.reconcilers import approval as approval_rec
 from shoal_operator.reconcilers import scaling as scaling_rec
 from shoal_operator.reconcilers import workflow as workflow_rec
 from shoal_operator.reconcilers.common import Problem
+from shoal_operator.run_gate import RunGate
 from shoal_operator.settings import FIELD_MANAGER, FINALIZER, HANDOVER_MANAGER
 from shoal_operator.workqueue import WorkQueue
 
@@ -53,6 +57,10 @@ NATS_GRACE_SECONDS = 10.0
 
 
 MAX_BACKOFF = 300.0
+# Approvals that could not be relayed (no dispatcher yet, not leading, NATS trouble) are
+# tried again this often; there are few of them, written by people.
+APPROVAL_RETRY_SECONDS = 2.0
+DECIDE_TIMEOUT_SECONDS = 30.0
 
 
 class RetryLater(Exception):  # noqa: N818  (a signal, not an error)
@@ -73,6 +81,9 @@ THROTTLED_STATUS_KEYS = frozenset(
         "currentReplicas",
         "desiredReplicas",
         "lastScaleTime",
+        "runs",
+        "p95DurationSeconds",
+        "lastRunTime",
     }
 )
 
@@ -164,8 +175,19 @@ class Controller:
     metrics_provider: MetricsProvider | None = None
     """Who serves external.metrics.k8s.io (every ScalingPolicy's MetricsAvailable)."""
     autoscaler: Autoscaler | None = None
+    dispatcher: Dispatcher | None = None
+    """The workflow run dispatcher, while this replica leads."""
+    _workflow_views: dict[tuple[str, str], tuple[Any, WorkflowView]] = field(default_factory=dict)
     _decision_shown: dict[tuple[str, str], float] = field(default_factory=dict)
     _policy_specs: dict[tuple[str, str], tuple[Any, ScalingPolicySpec]] = field(
+        default_factory=dict
+    )
+    runs: RunGate | None = None
+    """Takes Approvals' decisions to runs; None until the run dispatcher starts."""
+    _approvals_waiting: dict[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
+    _approvals_busy: set[tuple[str, str]] = field(default_factory=set)
+    # uid -> the status a relay computed but could not write yet (never decide twice).
+    _approval_results: dict[str, tuple[dict[str, Any], list[EventSpec]]] = field(
         default_factory=dict
     )
 
@@ -179,6 +201,7 @@ class Controller:
         self._tasks.append(
             asyncio.create_task(self._watch_runtime_state(), name="shoal-runtime-state")
         )
+        self._tasks.append(asyncio.create_task(self._retry_approvals(), name="shoal-approvals"))
 
     async def stop(self) -> None:
         self.queue.close()
@@ -343,6 +366,119 @@ class Controller:
     def _watched_agent(self, namespace: str, agent: str) -> bool:
         # The buckets hold every namespace's Agents; this operator may watch fewer.
         return self.indexes is None or bool(self.indexes.agents.get((namespace, agent)))
+
+    # -- approvals (relayed to runs directly, not through the work queue) -------------
+
+    async def on_approval(self, namespace: str, name: str, body: Mapping[str, Any] | None) -> None:
+        """Relays an Approval's decision to its run, once, and records the outcome in its
+        status. Until a run gate exists (or while another replica leads) it waits."""
+        key = (namespace, name)
+        if body is None or approval_rec.relayed(body.get("status")):
+            self._approvals_waiting.pop(key, None)
+            return
+        if key in self._approvals_busy:
+            self._approvals_waiting[key] = body  # looked at again once the relay is done
+            return
+        self._approvals_busy.add(key)
+        try:
+            await self._relay_approval(key, body)
+        finally:
+            self._approvals_busy.discard(key)
+
+    async def _relay_approval(self, key: tuple[str, str], body: Mapping[str, Any]) -> None:
+        meta = body["metadata"]
+        uid, generation = str(meta["uid"]), int(meta.get("generation", 0))
+        current = body.get("status") or {}
+        result = self._approval_results.get(uid)
+        if result is None:
+            runs, leading = self.runs, self._leading()
+            if runs is None or not leading:
+                self._approvals_waiting[key] = body
+                # Standbys have no dispatcher by design; only the leader says it waits.
+                if leading and current.get("phase") != "Pending":
+                    pending = approval_rec.waiting_status(generation, current, self.clock())
+                    try:
+                        await self._write_approval_status(body, pending)
+                    except Exception as exc:  # cosmetic; the relay itself is retried
+                        log.warning("approval %s/%s: %s", *key, _api_reason(exc))
+                return
+            try:
+                spec = ApprovalSpec.model_validate(body.get("spec") or {})
+            except ValidationError as exc:
+                result = approval_rec.status(
+                    generation, None, "InvalidSpec", validation_message(exc), current, self.clock()
+                )
+            else:
+                event = approval_rec.decision_event(spec, str(meta["creationTimestamp"]))
+                try:
+                    outcome, message = await asyncio.wait_for(
+                        runs.decide(key[0], spec.run, event, workflow=spec.workflow),
+                        DECIDE_TIMEOUT_SECONDS,
+                    )
+                except Exception as exc:
+                    log.warning("approval %s/%s: relaying failed (%s); retrying", *key, exc)
+                    self._approvals_waiting[key] = body
+                    return
+                result = approval_rec.status(
+                    generation, spec, outcome, message, current, self.clock()
+                )
+            self._approval_results[uid] = result
+        status, events = result
+        try:
+            written = await self._write_approval_status(body, status)
+        except Exception as exc:
+            log.warning("approval %s/%s: status not written (%s); retrying", *key, _api_reason(exc))
+            self._approvals_waiting[key] = body
+            return
+        self._approval_results.pop(uid, None)
+        self._approvals_waiting.pop(key, None)
+        if not written:
+            return  # deleted, or somebody recorded an outcome first
+        for ev in events:
+            try:
+                await self.kube.event(dict(body), ev.type, ev.reason, ev.message)
+            except Exception as exc:  # an Event is best effort, never worth a retry
+                log.warning("posting event %s failed: %s", ev.reason, _api_reason(exc))
+
+    async def _write_approval_status(self, body: Mapping[str, Any], status: dict[str, Any]) -> bool:
+        """Writes ``status`` unless the Approval is gone or already shows an outcome.
+        The resourceVersion precondition keeps two writers (a replica taking over, a late
+        retry) from overwriting an outcome with another one."""
+        meta = body["metadata"]
+        namespace, name, version = meta["namespace"], meta["name"], meta.get("resourceVersion")
+        for _ in range(5):
+            patch = {"metadata": {"resourceVersion": version}, "status": status}
+            try:
+                await self.kube.merge_patch("Approval", namespace, name, patch, sub="status")
+                return True
+            except ApiException as exc:
+                if exc.status != 409:
+                    if exc.status == 404:
+                        return False
+                    raise
+            fresh = await self.kube.get("Approval", namespace, name)
+            if fresh is None or fresh["metadata"].get("uid") != meta.get("uid"):
+                return False
+            if approval_rec.relayed(fresh.get("status")):
+                return False
+            version = fresh["metadata"].get("resourceVersion")
+        raise RetryLater(f"Approval {namespace}/{name} keeps changing")
+
+    def _leading(self) -> bool:
+        return self.leader is None or self.leader.is_leader()
+
+    async def _retry_approvals(self) -> None:
+        while True:
+            await asyncio.sleep(APPROVAL_RETRY_SECONDS)
+            if not self._leading():
+                continue
+            for (namespace, name), body in list(self._approvals_waiting.items()):
+                if (namespace, name) in self._approvals_busy:
+                    continue
+                try:
+                    await self.on_approval(namespace, name, body)
+                except Exception:  # this loop outlives any one Approval
+                    log.exception("approval %s/%s: relaying failed", namespace, name)
 
     async def _watch_runtime_state(self) -> None:
         """The circuit and usage mirrors are event-driven: a KV write queues its Agent."""
@@ -559,12 +695,10 @@ class Controller:
                 problems.append(Problem("JetStreamUnavailable", "not connected to NATS yet"))
                 return None
             try:
-                return queue_counts(await js.ensure_consumer(plan.consumer))
+                return queue_counts(await js.ensure_consumers(plan.consumers))
             except Exception as exc:
                 problems.append(
-                    Problem(
-                        "JetStreamUnavailable", f"consumer {plan.consumer['durable_name']}: {exc}"
-                    )
+                    Problem("JetStreamUnavailable", f"consumers of {namespace}/{name}: {exc}")
                 )
                 return None
 
@@ -656,6 +790,81 @@ class Controller:
         await self._write_status("ScalingPolicy", body, status, events)
 
     # -- autoscaling (the loop itself is in autoscaler.py) --------------------------
+
+    # -- workflow runs (the dispatcher itself is in dispatcher.py) -------------------
+
+    async def run_dispatcher(self, lag: LagSource) -> None:
+        """Runs the dispatcher while this replica leads (and NATS is there)."""
+        await self.nats_ready.wait()
+        assert self.nats is not None
+        while True:
+            await self._in_charge()
+            dispatcher = Dispatcher(self.nats.nc, self, lag=lag, on_tally=self._on_tally)
+            try:
+                await dispatcher.start()
+            except Exception as exc:
+                log.warning("workflow dispatcher not started (%s); retrying", exc)
+                await dispatcher.stop()
+                await asyncio.sleep(2.0)
+                continue
+            self.dispatcher = self.runs = dispatcher
+            try:
+                # The elector has an event for leading, none for losing it.
+                while self.leader is None or self.leader.is_leader():  # noqa: ASYNC110
+                    await asyncio.sleep(1.0)
+                log.info("no longer leading: workflow dispatcher stops")
+            finally:
+                self.dispatcher = self.runs = None
+                await dispatcher.stop()
+
+    def workflow(self, namespace: str, name: str) -> WorkflowView | None:
+        """The dispatcher's catalog: a Workflow from the watch cache, parsed once per
+        generation."""
+        body = Indexes.one(self._idx().workflows, (namespace, name))
+        if body is None:
+            return None
+        generation = body["metadata"].get("generation")
+        cached = self._workflow_views.get((namespace, name))
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        try:
+            spec = WorkflowSpec.model_validate(body.get("spec") or {})
+        except ValidationError as exc:
+            log.warning("workflow %s/%s unusable: %s", namespace, name, validation_message(exc))
+            return None
+        view = view_of(spec)
+        self._workflow_views[(namespace, name)] = (generation, view)
+        return view
+
+    def capable(self, namespace: str, capability: str) -> list[str]:
+        idx = self._idx()
+        return sorted(
+            agent
+            for agent in self._agents(namespace)
+            if capability
+            in ((Indexes.one(idx.agents, (namespace, agent)) or {}).get("spec", {})).get(
+                "capabilities", []
+            )
+        )
+
+    def _on_tally(self, namespace: str, workflow: str) -> None:
+        # The status write is throttled in _write_status; the queue deduplicates keys.
+        self.queue.add(("Workflow", namespace, workflow))
+
+    def _run_summary(self, namespace: str, name: str) -> dict[str, Any] | None:
+        tally = self.dispatcher.tally(namespace, name) if self.dispatcher else None
+        if tally is None:
+            return None
+        out: dict[str, Any] = {
+            "runs": {"active": tally.active, "succeeded": tally.succeeded, "failed": tally.failed}
+        }
+        if (p95 := tally.p95()) is not None:
+            out["p95DurationSeconds"] = round(p95, 3)
+        if tally.last_run is not None:
+            out["lastRunTime"] = (
+                dt.datetime.fromtimestamp(tally.last_run, dt.UTC).isoformat().replace("+00:00", "Z")
+            )
+        return out
 
     async def run_autoscaler(self, metrics: MetricSource) -> None:
         """The per-second autoscaling loop, once NATS is there; idle unless leading."""
@@ -754,6 +963,7 @@ class Controller:
             capabilities,
             self._current_status("Workflow", body),
             self.clock(),
+            self._run_summary(namespace, name),
         )
         await self._write_status("Workflow", body, status, events)
 

@@ -228,6 +228,16 @@ async def _start_metrics_api(ctl: Controller, own_ns: str | None) -> None:
     )
     STATE["queue_metrics"] = metrics
     STATE["tasks"].append(asyncio.create_task(ctl.run_autoscaler(metrics), name="shoal-autoscaler"))
+
+    async def lag(namespace: str, agent: str) -> int | None:
+        # LeastLag reads the same cached figures the HPA gets; a missing one is no veto.
+        try:
+            pending, in_flight = await metrics.lag(namespace, agent)
+        except Exception:
+            return None
+        return pending + in_flight
+
+    STATE["tasks"].append(asyncio.create_task(ctl.run_dispatcher(lag), name="shoal-dispatcher"))
     try:
         config = MetricsApiConfig.from_env(os.environ)
     except ValueError as exc:
@@ -353,6 +363,17 @@ async def _policy_event(
 async def _workflow_event(*, namespace: str | None, name: str, **_: Any) -> None:
     if (ctl := _controller()) is not None:
         ctl.on_workflow(_ns(namespace), name)
+
+
+@kopf.on.event(GROUP, VERSION, "approvals")
+async def _approval_event(
+    *, namespace: str | None, name: str, type: str, body: kopf.Body, **_: Any
+) -> None:
+    # An event handler, not on.create/on.resume: those keep their progress in annotations
+    # on the object, and the operator may only write an Approval's status. The initial
+    # listing plays the part of resume; the status phase says what is done.
+    if (ctl := _controller()) is not None:
+        await ctl.on_approval(_ns(namespace), name, None if type == "DELETED" else body)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS)

@@ -1,4 +1,5 @@
-"""The operator's JetStream administration: streams, buckets, per-Agent consumers, and
+"""The operator's JetStream administration: streams, buckets, per-Agent consumers (one per
+priority band; the Agent's queue is their sum, see :func:`combined`), and
 reading and watching the runtimes' shared state (circuit breaker, usage, pod stats).
 
 Requests go to the JetStream API subjects with the builders' wire-form configs, so what
@@ -11,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import nats
@@ -121,6 +122,11 @@ class JetStreamAdmin:
                 )
                 log.info("created KV bucket %s", bucket)
 
+    async def ensure_consumers(self, desired: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Creates or updates an Agent's band consumers, one after the other in the given
+        order (see ``builders.jetstream.consumers``); returns their :func:`combined` info."""
+        return combined([await self.ensure_consumer(d) for d in desired])
+
     async def ensure_consumer(self, desired: Mapping[str, Any]) -> dict[str, Any]:
         """Creates or updates the consumer; returns its info (with queue counts)."""
         name = desired["durable_name"]
@@ -136,36 +142,44 @@ class JetStreamAdmin:
             log.info("created consumer %s", name)
             return info
         if changed := differs(desired, info["config"]):
+            config = {**info["config"], **desired}
+            if "filter_subjects" in desired:
+                # The server refuses both; a consumer from before bands has the single one.
+                config.pop("filter_subject", None)
             info = await self._request(
                 f"CONSUMER.CREATE.{nl.TASKS_STREAM}.{name}",
-                {
-                    "stream_name": nl.TASKS_STREAM,
-                    "config": {**info["config"], **desired},
-                    "action": "update",
-                },
+                {"stream_name": nl.TASKS_STREAM, "config": config, "action": "update"},
             )
             log.info("updated consumer %s (%s)", name, ", ".join(changed))
         return info
 
     async def consumer_info(self, namespace: str, agent: str) -> dict[str, Any] | None:
-        try:
-            info: dict[str, Any] = await self._request(
-                f"CONSUMER.INFO.{nl.TASKS_STREAM}.{nl.consumer_name(namespace, agent)}"
-            )
-        except JetStreamError as exc:
-            if exc.code == CONSUMER_NOT_FOUND:
-                return None
-            raise
-        return info
+        """The :func:`combined` info of the Agent's band consumers (those that exist);
+        None when it has none."""
+
+        async def one(name: str) -> dict[str, Any] | None:
+            try:
+                info: dict[str, Any] = await self._request(
+                    f"CONSUMER.INFO.{nl.TASKS_STREAM}.{name}"
+                )
+            except JetStreamError as exc:
+                if exc.code == CONSUMER_NOT_FOUND:
+                    return None
+                raise
+            return info
+
+        infos = await asyncio.gather(*map(one, nl.consumer_names(namespace, agent)))
+        found = [i for i in infos if i is not None]
+        return combined(found) if found else None
 
     async def remove_agent(self, namespace: str, agent: str) -> None:
-        """Deletes the Agent's consumer, queued tasks and KV entries."""
-        name = nl.consumer_name(namespace, agent)
-        try:
-            await self._request(f"CONSUMER.DELETE.{nl.TASKS_STREAM}.{name}")
-        except JetStreamError as exc:
-            if exc.code != CONSUMER_NOT_FOUND:
-                raise
+        """Deletes the Agent's consumers, queued tasks and KV entries."""
+        for name in nl.consumer_names(namespace, agent):
+            try:
+                await self._request(f"CONSUMER.DELETE.{nl.TASKS_STREAM}.{name}")
+            except JetStreamError as exc:
+                if exc.code != CONSUMER_NOT_FOUND:
+                    raise
         await self._request(
             f"STREAM.PURGE.{nl.TASKS_STREAM}", {"filter": nl.agent_task_filter(namespace, agent)}
         )
@@ -288,6 +302,26 @@ async def _follow(
         raise failure
 
 
+# What adds up across an Agent's band consumers to its one queue.
+_SUMMED = ("num_pending", "num_ack_pending", "num_redelivered", "num_waiting")
+
+
+def combined(infos: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """An Agent's band consumers' infos as one consumer info: the queue counts and the
+    delivered sequence (a count of deliveries) summed, the rest from the first. Queue
+    lag, arrival rate and the Agent status all read the whole queue this way."""
+    if not infos:
+        raise ValueError("no consumer infos to combine")
+    total = dict(infos[0])
+    for key in _SUMMED:
+        total[key] = sum(int(i.get(key, 0)) for i in infos)
+    total["delivered"] = {
+        **(infos[0].get("delivered") or {}),
+        "consumer_seq": sum(int((i.get("delivered") or {}).get("consumer_seq", 0)) for i in infos),
+    }
+    return total
+
+
 def queue_counts(info: Mapping[str, Any]) -> tuple[int, int]:
-    """(pending, in flight) of a consumer."""
+    """(pending, in flight) of a consumer, or of an Agent's :func:`combined` consumers."""
     return int(info.get("num_pending", 0)), int(info.get("num_ack_pending", 0))

@@ -43,6 +43,7 @@ RESOURCES: dict[str, Resource] = {
     "Agent": Resource(GROUP, VERSION, "agents"),
     "ScalingPolicy": Resource(GROUP, VERSION, "scalingpolicies"),
     "Workflow": Resource(GROUP, VERSION, "workflows"),
+    "Approval": Resource(GROUP, VERSION, "approvals"),
     "Deployment": Resource("apps", "v1", "deployments"),
     "Pod": Resource("", "v1", "pods"),
     "ServiceAccount": Resource("", "v1", "serviceaccounts"),

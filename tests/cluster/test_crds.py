@@ -12,7 +12,12 @@ from tests.helpers import EXAMPLES, example
 
 
 def test_crds_are_established(testbed: Testbed, crds: list[str]) -> None:
-    assert crds == ["agents.shoal.dev", "scalingpolicies.shoal.dev", "workflows.shoal.dev"]
+    assert crds == [
+        "agents.shoal.dev",
+        "approvals.shoal.dev",
+        "scalingpolicies.shoal.dev",
+        "workflows.shoal.dev",
+    ]
     for name in crds:
         crd = testbed.get("crd", name)
         assert crd is not None

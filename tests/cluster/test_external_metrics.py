@@ -90,20 +90,27 @@ def nats_call(url: str, fn: Callable[[Any], Any]) -> Any:
 
 
 def publish(testbed: Testbed, ns: str, agent_name: str, n: int) -> None:
+    """``n`` tasks over all priorities: the queue is the sum of the priority bands."""
+
     async def go(nc: Any) -> None:
         js = nc.jetstream()
-        for _ in range(n):
-            task = Task(id=uuid.uuid4().hex, input={"text": "hi"})
-            await js.publish(nl.task_subject(ns, agent_name, 5), task.to_json())
+        for i in range(n):
+            task = Task(id=uuid.uuid4().hex, input={"text": "hi"}, priority=i % 10)
+            await js.publish(nl.task_subject(ns, agent_name, task.priority), task.to_json())
 
     nats_call(testbed.nats_url, go)
 
 
 def queue_counts(testbed: Testbed, ns: str, agent_name: str) -> int:
+    """Pending + in flight over the Agent's priority bands."""
+
     async def go(nc: Any) -> int:
-        subject = f"$JS.API.CONSUMER.INFO.{nl.TASKS_STREAM}.{nl.consumer_name(ns, agent_name)}"
-        info = json.loads((await nc.request(subject, b"", timeout=5)).data)
-        return int(info["num_pending"]) + int(info["num_ack_pending"])
+        total = 0
+        for name in nl.consumer_names(ns, agent_name):
+            subject = f"$JS.API.CONSUMER.INFO.{nl.TASKS_STREAM}.{name}"
+            info = json.loads((await nc.request(subject, b"", timeout=5)).data)
+            total += int(info["num_pending"]) + int(info["num_ack_pending"])
+        return total
 
     out: int = nats_call(testbed.nats_url, go)
     return out

@@ -31,11 +31,22 @@ def js_request(url: str, subject: str, body: dict[str, Any] | None = None) -> di
     return asyncio.run(go())
 
 
+def band_consumers(testbed: Testbed, ns: str, name: str) -> dict[str, dict[str, Any]]:
+    """The Agent's priority band consumers that exist, by band."""
+    infos = {
+        b.name: js_request(
+            testbed.nats_url,
+            f"CONSUMER.INFO.{nl.TASKS_STREAM}.{nl.consumer_name(ns, name, b.name)}",
+        )
+        for b in nl.BANDS
+    }
+    return {band: info for band, info in infos.items() if "error" not in info}
+
+
 def consumer(testbed: Testbed, ns: str, name: str) -> dict[str, Any] | None:
-    info = js_request(
-        testbed.nats_url, f"CONSUMER.INFO.{nl.TASKS_STREAM}.{nl.consumer_name(ns, name)}"
-    )
-    return None if "error" in info else info
+    """The normal band's consumer, once every band's is there (alike but for the filter)."""
+    found = band_consumers(testbed, ns, name)
+    return found[nl.NAMED_BAND] if len(found) == len(nl.BANDS) else None
 
 
 def reconciled(testbed: Testbed, kind: str, name: str, ns: str) -> dict[str, Any] | None:
@@ -139,7 +150,7 @@ def test_examples_become_children_matching_the_spec(
     # JetStream consumer: ack wait, attempts and backoff, in-flight bound.
     cfg = cons["config"]
     ns_per_s = 1_000_000_000
-    assert cfg["filter_subject"] == f"shoal.task.{namespace}.triage.*"
+    assert cfg["filter_subjects"] == [f"shoal.task.{namespace}.triage.{p}" for p in (4, 5, 6)]
     assert cfg["ack_policy"] == "explicit"
     assert cfg["max_deliver"] == spec["retry"]["maxAttempts"] + 1
     assert cfg["backoff"] == [(60 + 30 + d) * ns_per_s for d in (1, 2, 4, 8, 16)]
@@ -284,7 +295,7 @@ def test_edits_reach_children_and_deletion_leaves_nothing(
         30,
         what="Agent gone (finalizer released)",
     )
-    assert consumer(testbed, namespace, "worker") is None
+    assert band_consumers(testbed, namespace, "worker") == {}
     left = js_request(
         testbed.nats_url,
         f"STREAM.INFO.{nl.TASKS_STREAM}",

@@ -85,7 +85,10 @@ def test_kustomize_manifests_are_accepted(testbed: Testbed, crds: list[str]) -> 
     assert kinds == [
         "APIService",
         "ClusterRole",
+        "ClusterRole",
+        "ClusterRole",
         "ClusterRoleBinding",
+        "CustomResourceDefinition",
         "CustomResourceDefinition",
         "CustomResourceDefinition",
         "CustomResourceDefinition",
@@ -93,6 +96,8 @@ def test_kustomize_manifests_are_accepted(testbed: Testbed, crds: list[str]) -> 
         "Namespace",
         "Service",
         "ServiceAccount",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     ]
     out = testbed.kubectl(
         "apply",

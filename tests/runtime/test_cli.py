@@ -43,6 +43,7 @@ from shoal_runtime.client import (
 from shoal_testbed.cluster import free_port
 from shoal_testbed.fixtures import NatsServer
 from tests.natsutil import declare_agent
+from tests.runtime.support import until
 
 NS = "ns1"
 SPEC = {"handler": {"python": "x.y:z"}}
@@ -82,10 +83,10 @@ class FakeRuntime:
         self.js: JetStreamContext = nc.jetstream()
 
     async def take(self, agent: str = "echo") -> tuple[str, str, Task]:
-        """The next task of ``agent`` (acked): its subject, msg-id header and envelope."""
-        sub = await self.js.pull_subscribe_bind(
-            consumer=nl.consumer_name(NS, agent), stream=nl.TASKS_STREAM
-        )
+        """The next task of ``agent`` (acked), highest priority band first: its subject,
+        msg-id header and envelope."""
+        name = await until(lambda: self._first_band_with_work(agent), 10, f"a task for {agent}")
+        sub = await self.js.pull_subscribe_bind(consumer=name, stream=nl.TASKS_STREAM)
         try:
             (msg,) = await sub.fetch(1, timeout=10)
         finally:
@@ -93,9 +94,18 @@ class FakeRuntime:
         await msg.ack()
         return msg.subject, (msg.headers or {}).get(MSG_ID_HEADER, ""), parse_task(msg.data)
 
+    async def _first_band_with_work(self, agent: str) -> str | None:
+        for name in nl.consumer_names(NS, agent):
+            if (await self.js.consumer_info(nl.TASKS_STREAM, name)).num_pending:
+                return name
+        return None
+
     async def pending(self, agent: str = "echo") -> int:
-        info = await self.js.consumer_info(nl.TASKS_STREAM, nl.consumer_name(NS, agent))
-        return info.num_pending or 0
+        """Tasks waiting for ``agent``, in all its priority bands."""
+        total = 0
+        for name in nl.consumer_names(NS, agent):
+            total += (await self.js.consumer_info(nl.TASKS_STREAM, name)).num_pending or 0
+        return total
 
     async def publish_result(self, task: Task, **fields: Any) -> Result:
         fields = {"agent": "echo", "status": "Succeeded", "path": ("echo",), **fields}
@@ -437,6 +447,13 @@ def test_dlq_replay_all_republishes_to_the_original_agent_and_skips_malformed(ur
             assert f"skipped {seqs['malformed']}: no parsable task" in result.stderr
             assert "3 replayed, 1 skipped" in result.stderr
 
+            # Priority 8 (the high band) comes out before the older priority 5.
+            subject, msg_id, escalated = await rt.take("echo")
+            assert (escalated.id, escalated.attempt, escalated.replays) == ("escalated", 1, 1)
+            assert subject == nl.task_subject(NS, "echo", 8)
+            assert [h.agent for h in escalated.path] == ["other"]
+            assert msg_id == escalated.msg_id() == "escalated.1.escalation.other"
+
             subject, msg_id, plain = await rt.take("echo")
             assert (plain.id, plain.input, plain.attempt, plain.replays) == (
                 "plain",
@@ -445,12 +462,6 @@ def test_dlq_replay_all_republishes_to_the_original_agent_and_skips_malformed(ur
                 1,
             )
             assert (subject, msg_id) == (nl.task_subject(NS, "echo", 5), "plain.1")
-
-            subject, msg_id, escalated = await rt.take("echo")
-            assert (escalated.id, escalated.attempt, escalated.replays) == ("escalated", 1, 1)
-            assert subject == nl.task_subject(NS, "echo", 8)
-            assert [h.agent for h in escalated.path] == ["other"]
-            assert msg_id == escalated.msg_id() == "escalated.1.escalation.other"
 
             _, _, of_other = await rt.take("other")
             assert (of_other.id, of_other.replays) == ("of-other", 1)

@@ -378,6 +378,15 @@ def test_retry_delays_are_capped_exponential() -> None:
     assert spec.retry.delays() == [2, 6, 18, 20, 20, 20]
 
 
+def normal_band(namespace: str, agent: str, spec: AgentSpec, replicas: int) -> dict[str, Any]:
+    (c,) = [
+        c
+        for c in jetstream.consumers(namespace, agent, spec, replicas)
+        if c["durable_name"] == nl.consumer_name(namespace, agent)
+    ]
+    return c
+
+
 def test_consumer_backoff_in_nanoseconds() -> None:
     spec = agent_spec(
         timeoutSeconds=10,
@@ -386,7 +395,7 @@ def test_consumer_backoff_in_nanoseconds() -> None:
             "backoff": {"initialSeconds": 1, "maxSeconds": 5, "multiplier": 2},
         },
     )
-    c = jetstream.consumer("team-a", "triage", spec, 1)
+    c = normal_band("team-a", "triage", spec, 1)
     delays = [1, 2, 4, 5]
     assert c["backoff"] == [(10 + 30 + d) * 10**9 for d in delays]
     assert all(isinstance(b, int) for b in c["backoff"])
@@ -394,31 +403,52 @@ def test_consumer_backoff_in_nanoseconds() -> None:
 
 @pytest.mark.parametrize("attempts", [1, 2, 5, 100])
 def test_consumer_delivers_once_more_than_attempts(attempts: int) -> None:
-    c = jetstream.consumer("ns", "a", agent_spec(retry={"maxAttempts": attempts}), 1)
+    c = normal_band("ns", "a", agent_spec(retry={"maxAttempts": attempts}), 1)
     assert c["max_deliver"] == attempts + 1
     # JetStream rejects a backoff list longer than max_deliver.
     assert len(c["backoff"]) < c["max_deliver"]
 
 
 def test_consumer_ack_wait_is_first_backoff() -> None:
-    c = jetstream.consumer("ns", "a", agent_spec(timeoutSeconds=45), 1)
+    c = normal_band("ns", "a", agent_spec(timeoutSeconds=45), 1)
     assert c["ack_wait"] == c["backoff"][0]
     assert c["ack_wait"] == (45 + 30 + 1) * 10**9
 
 
 def test_consumer_backoff_is_non_decreasing() -> None:
-    c = jetstream.consumer("ns", "a", agent_spec(retry={"maxAttempts": 10}), 1)
+    c = normal_band("ns", "a", agent_spec(retry={"maxAttempts": 10}), 1)
     assert c["backoff"] == sorted(c["backoff"])
 
 
 @pytest.mark.parametrize(("replicas", "expected"), [(0, 3), (1, 3), (4, 12)])
 def test_consumer_max_ack_pending(replicas: int, expected: int) -> None:
-    c = jetstream.consumer("ns", "a", agent_spec(concurrency=3), replicas)
+    c = normal_band("ns", "a", agent_spec(concurrency=3), replicas)
     assert c["max_ack_pending"] == expected
 
 
-def test_consumer_names_and_filter() -> None:
-    c = jetstream.consumer("team-a", "triage", agent_spec(), 1)
-    assert c["durable_name"] == "team-a_triage"
-    assert c["filter_subject"] == "shoal.task.team-a.triage.*"
-    assert c["ack_policy"] == "explicit"
+def test_one_consumer_per_band_alike_but_for_name_and_filter() -> None:
+    cs = jetstream.consumers("team-a", "triage", agent_spec(concurrency=3), 2)
+    assert [c["durable_name"] for c in cs] == [
+        "team-a_triage",
+        "team-a_triage_high",
+        "team-a_triage_low",
+    ]
+    assert [c["filter_subjects"] for c in cs] == [
+        [f"shoal.task.team-a.triage.{p}" for p in (4, 5, 6)],
+        [f"shoal.task.team-a.triage.{p}" for p in (7, 8, 9)],
+        [f"shoal.task.team-a.triage.{p}" for p in (0, 1, 2, 3)],
+    ]
+    rest = [
+        {k: v for k, v in c.items() if k not in ("durable_name", "filter_subjects")} for c in cs
+    ]
+    assert rest[0] == rest[1] == rest[2]
+    assert rest[0]["ack_policy"] == "explicit"
+    assert "filter_subject" not in rest[0]
+
+
+def test_band_filters_cover_every_priority_once() -> None:
+    # A work-queue stream refuses consumers whose filters overlap.
+    subjects = [
+        s for c in jetstream.consumers("ns", "a", agent_spec(), 1) for s in c["filter_subjects"]
+    ]
+    assert sorted(subjects) == sorted(nl.task_subject("ns", "a", p) for p in nl.PRIORITIES)

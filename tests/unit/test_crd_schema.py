@@ -72,5 +72,6 @@ def test_names_follow_the_contract() -> None:
         "Agent": ["sagent"],
         "ScalingPolicy": ["ssp"],
         "Workflow": ["swf"],
+        "Approval": ["appr"],
     }
     assert all(v["categories"] == ["shoal"] for v in names.values())

@@ -67,9 +67,40 @@ def test_consumer_name_has_no_dots() -> None:
     assert "." not in name
 
 
+def test_band_consumer_names() -> None:
+    assert nl.consumer_names("team-a", "triage") == [
+        "team-a_triage_high",
+        "team-a_triage",
+        "team-a_triage_low",
+    ]
+    assert nl.consumer_name("team-a", "triage", "normal") == nl.consumer_name("team-a", "triage")
+
+
+def test_bands_partition_the_priorities_highest_first() -> None:
+    assert sorted(p for b in nl.BANDS for p in b.priorities) == list(nl.PRIORITIES)
+    lowest = [min(b.priorities) for b in nl.BANDS]
+    assert lowest == sorted(lowest, reverse=True)
+    assert [b.weight for b in nl.BANDS] == sorted((b.weight for b in nl.BANDS), reverse=True)
+    assert nl.NAMED_BAND in {b.name for b in nl.BANDS}
+    assert nl.band_of(5).name == nl.NAMED_BAND  # the default priority keeps its consumer
+
+
+@pytest.mark.parametrize("priority", list(nl.PRIORITIES))
+def test_each_priority_is_in_exactly_its_bands_subjects(priority: int) -> None:
+    subject = nl.task_subject("ns", "a", priority)
+    holders = [b for b in nl.BANDS if subject in nl.band_task_subjects("ns", "a", b)]
+    assert holders == [nl.band_of(priority)]
+
+
+def test_band_of_rejects_priority_out_of_range() -> None:
+    with pytest.raises(ValueError, match="priority"):
+        nl.band_of(10)
+
+
 def test_names_are_unambiguous_for_dns_labels() -> None:
     # Dashes in names must not let two (namespace, agent) pairs collide.
     assert nl.consumer_name("a-b", "c") != nl.consumer_name("a", "b-c")
+    assert nl.consumer_name("a", "b", "low") != nl.consumer_name("a", "b-low")
     assert nl.agent_key("a-b", "c") != nl.agent_key("a", "b-c")
 
 

@@ -214,8 +214,8 @@ def test_custom_service_account_deletes_the_operators() -> None:
 def test_consumer_bound_uses_spec_replicas_when_unscaled() -> None:
     spec = agent_spec(concurrency=4, runtime={"replicas": 3})
     plan = agent_rec.plan(AGENT, spec, observed(max_replicas=50), DEFAULTS, FIELD_MANAGER)
-    assert plan.consumer["max_ack_pending"] == 12
-    assert plan.consumer["durable_name"] == "team-a_triage"
+    assert {c["max_ack_pending"] for c in plan.consumers} == {12}
+    assert plan.consumers[0]["durable_name"] == "team-a_triage"
 
 
 def test_consumer_bound_uses_policy_max_when_scaled() -> None:
@@ -223,14 +223,14 @@ def test_consumer_bound_uses_policy_max_when_scaled() -> None:
     plan = agent_rec.plan(
         AGENT, spec, observed(scaled_by="p", max_replicas=20), DEFAULTS, FIELD_MANAGER
     )
-    assert plan.consumer["max_ack_pending"] == 80
+    assert {c["max_ack_pending"] for c in plan.consumers} == {80}
 
 
 def test_zero_replicas_still_allows_in_flight_work() -> None:
     spec = agent_spec(concurrency=4, runtime={"replicas": 0})
     plan = agent_rec.plan(AGENT, spec, observed(), DEFAULTS, FIELD_MANAGER)
     assert plan.apply[-1]["spec"]["replicas"] == 0
-    assert plan.consumer["max_ack_pending"] == 4
+    assert {c["max_ack_pending"] for c in plan.consumers} == {4}
 
 
 # -- agent status --------------------------------------------------------------------

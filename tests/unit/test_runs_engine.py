@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from shoal_api.envelope import Task
 from shoal_api.runs.conditions import compile_when
-from shoal_api.runs.engine import advance, next_wakeup, task_id_for
+from shoal_api.runs.engine import abandon, advance, next_wakeup, task_id_for
 from shoal_api.runs.model import (
     ApprovalDecided,
     AwaitApproval,
@@ -626,3 +626,14 @@ def test_random_runs_always_terminate_in_dependency_order(
 def test_parse_event_rejects_unknown_fields_and_types(bad: str) -> None:
     with pytest.raises(ValueError, match="validation error"):
         parse_event(f'{{"type":"{bad}","extra":1}}')
+
+
+def test_abandon_fails_a_run_whose_workflow_is_gone() -> None:
+    d = Driver(DIAMOND, INPUT)
+    d.start()
+    state, effects = abandon(d.state, "WorkflowDeleted", "workflow wf was deleted", NOW + 1)
+    assert (state.phase, state.reason) == ("Failed", "WorkflowDeleted")
+    assert state.steps["authenticate"].phase == "Failed"  # it was dispatched
+    assert state.steps["answer"].phase == "Skipped"
+    assert finished(effects).reason == "WorkflowDeleted"
+    assert abandon(state, "WorkflowDeleted", "again", NOW + 2) == (state, [])

@@ -57,6 +57,7 @@ DEADLINE_EXCEEDED = "DeadlineExceeded"
 CANCELLED = "Cancelled"
 INVALID_WORKFLOW = "InvalidWorkflow"
 STEP_FAILED = "StepFailed"
+WORKFLOW_DELETED = "WorkflowDeleted"
 
 
 def task_id_for(run_id: str, step: str, attempt: int) -> str:
@@ -138,6 +139,40 @@ def advance(
     if new == state:
         return state, []
     return new, run.effects
+
+
+def abandon(
+    state: RunState, reason: str, message: str, now: float
+) -> tuple[RunState, list[Effect]]:
+    """Fails a run that has no spec to advance by any more (its Workflow was deleted):
+    every step still open ends with ``reason``, and nothing more is dispatched."""
+    if state.terminal:
+        return state, []
+    steps = {
+        name: st
+        if st.terminal
+        else st.model_copy(
+            update={
+                "phase": "Failed" if st.phase == "Dispatched" else "Skipped",
+                "reason": reason,
+                "message": message,
+                "finished": now,
+            }
+        )
+        for name, st in state.steps.items()
+    }
+    new = state.model_copy(
+        update={
+            "phase": "Failed",
+            "reason": reason,
+            "message": message,
+            "finished": now,
+            "steps": steps,
+        }
+    )
+    return new, [
+        RunFinished(run=state.id, phase="Failed", output=None, reason=reason, message=message)
+    ]
 
 
 def _awaiting(step: StepState) -> bool:

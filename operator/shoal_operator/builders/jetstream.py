@@ -1,4 +1,4 @@
-"""JetStream streams and the per-Agent durable consumer, as plain config dicts."""
+"""JetStream streams and the per-Agent durable consumers, as plain config dicts."""
 
 from __future__ import annotations
 
@@ -47,21 +47,34 @@ def streams() -> list[dict[str, Any]]:
     ]
 
 
-def consumer(namespace: str, agent: str, spec: AgentSpec, replicas: int) -> dict[str, Any]:
-    """The Agent's durable pull consumer (JetStream API wire form: durations in ns).
+def consumers(namespace: str, agent: str, spec: AgentSpec, replicas: int) -> list[dict[str, Any]]:
+    """The Agent's durable pull consumers, one per priority band (:data:`nl.BANDS`), the
+    same but for name and filter. The band keeping the Agent's original consumer name
+    comes first: declared in this order, a consumer from before bands existed (filtered
+    on all priorities) is narrowed before the others appear, as JetStream refuses
+    overlapping filters on a work-queue stream."""
+    order = sorted(nl.BANDS, key=lambda b: b.name != nl.NAMED_BAND)
+    return [consumer(namespace, agent, spec, replicas, band) for band in order]
+
+
+def consumer(
+    namespace: str, agent: str, spec: AgentSpec, replicas: int, band: nl.Band
+) -> dict[str, Any]:
+    """One band's durable pull consumer (JetStream API wire form: durations in ns).
 
     - backoff[i] is how long attempt i+1 may stay unacknowledged before JetStream
       redelivers: the Agent's timeout plus a margin (runtimes heartbeat longer work)
       plus the retry delay. JetStream takes ack_wait from backoff[0].
     - max_deliver is attempts + 1: a task whose last attempt died with its worker is
       delivered once more, and the runtime dead-letters it instead of losing it.
-    - max_ack_pending bounds work in flight: concurrency x the most replicas.
+    - max_ack_pending bounds work in flight: concurrency x the most replicas. Per band,
+      as a runtime may spend all of its concurrency on one band.
     """
     attempt = spec.timeout_seconds + ACK_MARGIN_SECONDS
     backoff = [_ns(attempt + d) for d in spec.retry.delays()]
     return {
-        "durable_name": nl.consumer_name(namespace, agent),
-        "filter_subject": nl.agent_task_filter(namespace, agent),
+        "durable_name": nl.consumer_name(namespace, agent, band.name),
+        "filter_subjects": nl.band_task_subjects(namespace, agent, band),
         "ack_policy": "explicit",
         "deliver_policy": "all",
         "replay_policy": "instant",

@@ -13,6 +13,7 @@ from typing import Any
 import jsonschema
 
 from shoal_api.agent import AgentSpec
+from shoal_api.json_schema import validator
 from shoal_api.runtime_state import CircuitRecord, UsageRecord
 from shoal_operator.builders import deployment as dep
 from shoal_operator.builders import jetstream
@@ -40,7 +41,8 @@ class AgentObserved:
 @dataclass(frozen=True)
 class AgentPlan:
     apply: list[dict[str, Any]]
-    consumer: dict[str, Any]
+    consumers: list[dict[str, Any]]
+    """One per priority band, in the order to declare them."""
     handover: dict[str, Any] | None = None
     """Applied under a separate manager first, so dropping replicas keeps the value."""
     delete: list[tuple[str, str]] = field(default_factory=list)
@@ -53,7 +55,7 @@ def contract_problems(spec: AgentSpec) -> list[Problem]:
         if schema is None:
             continue
         try:
-            jsonschema.validators.validator_for(schema).check_schema(schema)
+            validator(schema)
         except jsonschema.SchemaError as exc:
             where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
             out.append(
@@ -115,7 +117,7 @@ def plan(
     replicas_bound = observed.max_replicas if observed.scaled_by else spec.runtime.replicas
     return AgentPlan(
         apply=apply,
-        consumer=jetstream.consumer(owner.namespace, owner.name, spec, replicas_bound),
+        consumers=jetstream.consumers(owner.namespace, owner.name, spec, replicas_bound),
         handover=handover,
         delete=delete,
     )

@@ -5,7 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jsonschema
+
 from shoal_api import dag
+from shoal_api.json_schema import validator
+from shoal_api.runs.conditions import compile_when
 from shoal_api.workflow import WorkflowSpec
 from shoal_operator.conditions import Cond, EventSpec, merge_conditions, transition_events
 from shoal_operator.reconcilers.common import Problem
@@ -65,6 +69,18 @@ def problems(
                         f"step {step.name}: input uses step {ref}, which it does not depend on",
                     )
                 )
+        if why := compile_when(step.when):
+            out.append(Problem("InvalidCondition", f"step {step.name}: {why}"))
+    try:
+        validator(spec.input)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
+        out.append(
+            Problem(
+                "InvalidInputSchema",
+                f"spec.input is not a valid JSON Schema at {where}: {exc.message}",
+            )
+        )
     for ref in sorted(dag.template_step_refs(spec.output or {})):
         if ref not in names:
             out.append(Problem("InvalidTemplate", f"output refers to unknown step {ref}"))
@@ -78,7 +94,10 @@ def status(
     capabilities: Mapping[str, frozenset[str]],
     current: Mapping[str, Any],
     now: str,
+    runs: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[EventSpec]]:
+    """``runs``: the dispatcher's summary (runs, p95DurationSeconds, lastRunTime), None
+    where no dispatcher runs (the last mirrored figures stay)."""
     found = problems(namespace, spec, capabilities)
     if found:
         message = "; ".join(p.message for p in found)
@@ -97,5 +116,6 @@ def status(
         "observedGeneration": generation,
         "conditions": conditions,
         "stepCount": len(spec.steps),
+        **(runs or {}),
     }
     return new, transition_events(current.get("conditions"), conditions)

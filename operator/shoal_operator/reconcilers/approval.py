@@ -1,0 +1,96 @@
+"""Approval: the person's decision as a run event, and the status saying what the run did
+with it. An Approval is relayed once: a status with a final phase is never revisited."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from shoal_api.approval import ApprovalSpec
+from shoal_api.runs.model import ApprovalDecided
+from shoal_operator.conditions import Cond, EventSpec, merge_conditions
+
+Outcome = Literal["Applied", "NotWaiting", "RunNotFound", "InvalidSpec"]
+"""What the run gate answered, or InvalidSpec when the object never reached it."""
+
+FINAL_PHASES = frozenset({"Applied", "Ignored"})
+CONDITION = "Applied"
+WAITING_REASON = "DispatcherNotRunning"
+WAITING_MESSAGE = "waiting for the workflow run dispatcher; relayed as soon as it runs"
+
+
+def relayed(status: Mapping[str, Any] | None) -> bool:
+    return (status or {}).get("phase") in FINAL_PHASES
+
+
+def unix_time(rfc3339: str) -> float:
+    """metav1.Time (``2026-01-05T07:00:00Z``) as Unix time."""
+    at = dt.datetime.fromisoformat(rfc3339)
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=dt.UTC)
+    return at.timestamp()
+
+
+def decision_event(spec: ApprovalSpec, created: str) -> ApprovalDecided:
+    """The run event of an Approval. ``at`` is when the API server admitted the decision
+    (its creationTimestamp), not when the operator got round to relaying it: the run
+    records when the person decided, and a relay repeated later carries the same time."""
+    return ApprovalDecided(
+        step=spec.step,
+        decision=spec.decision,
+        approver=spec.approver,
+        at=unix_time(created),
+        comment=spec.comment,
+    )
+
+
+def waiting_status(generation: int, current: Mapping[str, Any], now: str) -> dict[str, Any]:
+    """Pending, while nobody can take the decision yet."""
+    conds = merge_conditions(
+        current.get("conditions"),
+        [Cond(CONDITION, "Unknown", WAITING_REASON, WAITING_MESSAGE)],
+        generation,
+        now,
+    )
+    return {
+        "observedGeneration": generation,
+        "conditions": conds,
+        "phase": "Pending",
+        "message": WAITING_MESSAGE,
+    }
+
+
+def status(
+    generation: int,
+    spec: ApprovalSpec | None,
+    outcome: Outcome,
+    message: str,
+    current: Mapping[str, Any],
+    now: str,
+) -> tuple[dict[str, Any], list[EventSpec]]:
+    """The final status after relaying, and the Event that tells the story."""
+    applied = outcome == "Applied"
+    conds = merge_conditions(
+        current.get("conditions"),
+        [Cond(CONDITION, "True" if applied else "False", outcome, message)],
+        generation,
+        now,
+    )
+    out = {
+        "observedGeneration": generation,
+        "conditions": conds,
+        "phase": "Applied" if applied else "Ignored",
+        "message": message,
+        "appliedAt": now,
+    }
+    what = (
+        f"{spec.decision} of step {spec.step} in run {spec.run} by {spec.approver}"
+        if spec is not None
+        else "the decision"
+    )
+    if applied:
+        event = EventSpec("Normal", outcome, f"{what} applied: {message}")
+    else:
+        event = EventSpec("Warning", outcome, f"{what} ignored: {message}")
+    return out, [event]
