@@ -92,6 +92,7 @@ bench: dev ## Benchmarks (fresh local test beds); writes bench/results/*.json an
 	@bash hack/install-redis.sh >/dev/null
 	$(PY) bench/operator_scale.py
 	$(PY) bench/runtime_throughput.py
+	$(PY) bench/workflow_dispatch.py
 	$(PY) bench/simulator.py
 	$(PY) bench/autoscale_reaction.py
 

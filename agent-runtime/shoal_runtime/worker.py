@@ -110,7 +110,6 @@ class Worker:
         self._slot = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         self._spawned: set[asyncio.Task[Any]] = set()
-        self._pending = 0  # the consumer's pending count as of the last delivery
         self.stats = StatsReporter(clock)
         # Read at scrape time rather than updated per task.
         self.metrics.in_flight.set_function(lambda: len(self._inflight))
@@ -341,7 +340,7 @@ class Worker:
 
     async def _prepare(self, msg: Msg) -> Job:
         """Everything before the handler; raises :class:`DisposedError` when the task is done."""
-        delivered, self._pending = delivery(msg)
+        delivered, _ = delivery(msg)
         try:
             task = env.parse_task(msg.data)
         except env.EnvelopeError as exc:

@@ -27,3 +27,13 @@ def violation(validator: jsonschema.protocols.Validator | None, value: Any) -> s
         return None
     where = "/".join(str(p) for p in error.absolute_path) or "(root)"
     return f"{where}: {error.message}"
+
+
+def schema_error(schema: Any) -> str | None:
+    """Why ``schema`` is not a JSON Schema (``at <path>: <message>``), or None."""
+    try:
+        validator(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
+        return f"at {where}: {exc.message}"
+    return None

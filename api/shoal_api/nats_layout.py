@@ -11,9 +11,11 @@ every name below unambiguous.
 - workflow run submission: ``shoal.run.<ns>.<workflow>``
 - an Agent's durable consumers on ``SHOAL_TASKS``: one per priority band (see
   :data:`BANDS`), ``<ns>_<agent>_<band>``, except the normal band's ``<ns>_<agent>``
+- the workflow dispatcher's durable consumer on ``SHOAL_RESULTS``: ``shoal-dispatcher``
 - KV buckets ``shoal-circuit``, ``shoal-cache``, ``shoal-runs``, ``shoal-usage``, keyed
   ``<ns>.<agent>[.<rest>]``; ``shoal-stats`` (entries expire after 30 s) holds each
-  runtime pod's live figures at ``<ns>.<agent>.<pod>``
+  runtime pod's live figures at ``<ns>.<agent>.<pod>``; ``shoal-runs`` holds each workflow
+  run's record at ``<ns>.<run>`` (see :mod:`shoal_api.runs.wire`; kept 31 days)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TASKS_STREAM = "SHOAL_TASKS"
+DISPATCHER_CONSUMER = "shoal-dispatcher"
 RESULTS_STREAM = "SHOAL_RESULTS"
 DLQ_STREAM = "SHOAL_DLQ"
 
@@ -35,7 +38,10 @@ USAGE_BUCKET = "shoal-usage"
 STATS_BUCKET = "shoal-stats"
 BUCKETS = (CIRCUIT_BUCKET, CACHE_BUCKET, RUNS_BUCKET, USAGE_BUCKET, STATS_BUCKET)
 # Entries expire on their own: a pod that stopped reporting stops counting.
-BUCKET_TTL_SECONDS = {STATS_BUCKET: 30}
+# A run record outlives the longest run (deadlineSeconds <= 30 days, and every change
+# rewrites the record), then expires with everything it holds.
+RUN_RECORD_TTL_SECONDS = 31 * 24 * 3600
+BUCKET_TTL_SECONDS = {STATS_BUCKET: 30, RUNS_BUCKET: RUN_RECORD_TTL_SECONDS}
 
 PRIORITIES = range(10)
 

@@ -47,7 +47,7 @@ from pydantic import ValidationError
 
 from shoal_api import nats_layout as nl
 from shoal_api.envelope import MSG_ID_HEADER, Result, Task
-from shoal_api.json_schema import validator, violation
+from shoal_api.json_schema import schema_error, validator, violation
 from shoal_api.runs.conditions import compile_when
 from shoal_api.runs.engine import WORKFLOW_DELETED, abandon, advance, invalid_reason, next_wakeup
 from shoal_api.runs.model import (
@@ -77,7 +77,6 @@ from shoal_operator.run_gate import DecideOutcome
 
 log = logging.getLogger(__name__)
 
-CONSUMER = "shoal-dispatcher"
 # Results being applied at once; more wait in the consumer (max_ack_pending).
 CONCURRENCY = 512
 MAX_ACK_PENDING = 20_000
@@ -111,12 +110,9 @@ def view_of(spec: WorkflowSpec) -> WorkflowView:
             (f"step {s.name}: {why}" for s in spec.steps if (why := compile_when(s.when))),
             None,
         )
-    checker = None
-    try:
-        checker = validator(spec.input)
-    except jsonschema.SchemaError as exc:
-        problem = problem or f"spec.input is not a valid JSON Schema: {exc.message}"
-    return WorkflowView(spec, checker, problem)
+    if why := schema_error(spec.input):
+        return WorkflowView(spec, None, problem or f"spec.input is not a valid JSON Schema {why}")
+    return WorkflowView(spec, validator(spec.input), problem)
 
 
 class Catalog(Protocol):
@@ -208,7 +204,7 @@ class Dispatcher:
             await self.js.subscribe(
                 nl.RESULT_SUBJECTS,
                 stream=nl.RESULTS_STREAM,
-                durable=CONSUMER,
+                durable=nl.DISPATCHER_CONSUMER,
                 cb=self._on_result,
                 manual_ack=True,
                 pending_msgs_limit=MAX_ACK_PENDING * 2,
@@ -545,7 +541,7 @@ class Dispatcher:
                 new, effects = advance(view.spec, state, event, self.clock())
             if new is state:
                 return state
-            follow_ups = await self._publish(new, effects)
+            new, follow_ups = await self._publish(new, effects)
             assert self.kv is not None
             try:
                 revision = await self.kv.update(key, new.to_json(), last=revision)
@@ -578,10 +574,14 @@ class Dispatcher:
 
     # -- effects ---------------------------------------------------------------------
 
-    async def _publish(self, state: RunState, effects: Iterable[Effect]) -> list[Event]:
-        """Publishes the tasks of ``effects``; returns events for steps that could not
-        be routed (no Agent has the capability), to be applied next."""
+    async def _publish(
+        self, state: RunState, effects: Iterable[Effect]
+    ) -> tuple[RunState, list[Event]]:
+        """Publishes the tasks of ``effects``. Returns the state with the Agents chosen
+        for ``agentSelector`` steps recorded, and events for steps that could not be
+        routed (no Agent has the capability), to be applied next."""
         follow_ups: list[Event] = []
+        chosen: dict[str, str] = {}
         sends = []
         for effect in effects:
             if not isinstance(effect, DispatchTask):
@@ -601,6 +601,7 @@ class Dispatcher:
                         )
                     )
                     continue
+                chosen[effect.step] = agent
             assert agent is not None
             task = Task(
                 id=effect.task_id,
@@ -619,7 +620,13 @@ class Dispatcher:
             )
         if sends:
             await asyncio.gather(*sends)
-        return follow_ups
+        if chosen:
+            steps = {
+                name: st.model_copy(update={"agent": chosen[name]}) if name in chosen else st
+                for name, st in state.steps.items()
+            }
+            state = state.model_copy(update={"steps": steps})
+        return state, follow_ups
 
     async def _select(self, namespace: str, effect: DispatchTask) -> str | None:
         assert effect.selector is not None

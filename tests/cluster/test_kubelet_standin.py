@@ -237,7 +237,7 @@ def test_runs_a_process_per_pod_with_the_env_a_kubelet_would_build(
         assert got["COMBINED"] == "plain-fast-$(LITERAL)"
         assert got["CM_mode"] == "fast"
         assert got["CM_level"] == "2"
-        assert got["PYTHONPATH"] == str(REPO / "examples")
+        assert got["PYTHONPATH"] == os.pathsep.join((str(REPO / "examples"), str(REPO)))
         assert got[kubelet.POD_ENV] == key
         # The stand-in's ports win over the pod's 8080, or every pod would collide.
         assert got["SHOAL_HEALTH_PORT"] == str(info["health_port"])

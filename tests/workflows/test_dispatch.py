@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -365,5 +366,51 @@ def test_runs_resume_after_dispatcher_and_nats_restarts(
         ]
         executions = [(x["run"], x["step"]) for x in timeline(timeline_file)]
         assert len(executions) == len(set(executions)) == 20 * 4
+
+    asyncio.run(main())
+
+
+def test_selectors_spread_work_and_queued_runs_start_by_priority(
+    nats_server: NatsServer, timeline_file: Path
+) -> None:
+    spread = {
+        "steps": [
+            {
+                "name": "look",
+                "agentSelector": {"capability": "lookup", "strategy": "RoundRobin"},
+                "input": {},
+            }
+        ]
+    }
+    serial = {
+        "maxConcurrentRuns": 1,
+        "steps": [{"name": "s", "agent": "auth", "input": {"sleep": 0.2}}],
+    }
+
+    async def main() -> None:
+        url = nats_server.url
+        specs = {**DIAMOND_AGENTS, "lookup-a": agent_spec(), "lookup-b": agent_spec()}
+        cat = StaticCatalog(
+            {"spread": spread, "serial": serial},
+            {"lookup-a": ["lookup"], "lookup-b": ["lookup"]},
+        )
+        async with (
+            agents(url, specs),
+            dispatcher(url, cat),
+            await ShoalClient.connect(url) as client,
+        ):
+            spread_runs = [await client.submit_run(NS, "spread", {}) for _ in range(6)]
+            low = [await client.submit_run(NS, "serial", {}, priority=1) for _ in range(4)]
+            high = await client.submit_run(NS, "serial", {}, priority=9)
+            spread_states = [await finished(client, r.run or "") for r in spread_runs]
+            low_states = [await finished(client, r.run or "") for r in low]
+            high_state = await finished(client, high.run or "")
+        assert Counter(s.steps["look"].agent for s in spread_states) == {
+            "lookup-a": 3,
+            "lookup-b": 3,
+        }
+        # The first low run was already running; the high one overtook the other three.
+        started_after_high = [s for s in low_states if (s.started or 0) > (high_state.started or 0)]
+        assert len(started_after_high) == 3
 
     asyncio.run(main())

@@ -10,10 +10,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-import jsonschema
-
 from shoal_api.agent import AgentSpec
-from shoal_api.json_schema import validator
+from shoal_api.json_schema import schema_error
 from shoal_api.runtime_state import CircuitRecord, UsageRecord
 from shoal_operator.builders import deployment as dep
 from shoal_operator.builders import jetstream
@@ -54,15 +52,9 @@ def contract_problems(spec: AgentSpec) -> list[Problem]:
     for side, schema in (("input", spec.contract.input), ("output", spec.contract.output)):
         if schema is None:
             continue
-        try:
-            validator(schema)
-        except jsonschema.SchemaError as exc:
-            where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
+        if why := schema_error(schema):
             out.append(
-                Problem(
-                    "InvalidContract",
-                    f"spec.contract.{side} is not a valid JSON Schema at {where}: {exc.message}",
-                )
+                Problem("InvalidContract", f"spec.contract.{side} is not a valid JSON Schema {why}")
             )
     return out
 

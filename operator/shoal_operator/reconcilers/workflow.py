@@ -5,10 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import jsonschema
-
 from shoal_api import dag
-from shoal_api.json_schema import validator
+from shoal_api.json_schema import schema_error
 from shoal_api.runs.conditions import compile_when
 from shoal_api.workflow import WorkflowSpec
 from shoal_operator.conditions import Cond, EventSpec, merge_conditions, transition_events
@@ -71,16 +69,8 @@ def problems(
                 )
         if why := compile_when(step.when):
             out.append(Problem("InvalidCondition", f"step {step.name}: {why}"))
-    try:
-        validator(spec.input)
-    except jsonschema.SchemaError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
-        out.append(
-            Problem(
-                "InvalidInputSchema",
-                f"spec.input is not a valid JSON Schema at {where}: {exc.message}",
-            )
-        )
+    if why := schema_error(spec.input):
+        out.append(Problem("InvalidInputSchema", f"spec.input is not a valid JSON Schema {why}"))
     for ref in sorted(dag.template_step_refs(spec.output or {})):
         if ref not in names:
             out.append(Problem("InvalidTemplate", f"output refers to unknown step {ref}"))
