@@ -35,6 +35,11 @@ NS = 1_000_000_000
 class PublishError(RuntimeError):
     """JetStream refused or did not confirm a publish."""
 
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        """JetStream's ``err_code`` when it refused (e.g. 10071: wrong last sequence)."""
+
 
 class AckedPublisher:
     def __init__(self, nc: Client, timeout: float = 10.0) -> None:
@@ -42,7 +47,7 @@ class AckedPublisher:
         self.timeout = timeout
         self._prefix = ""
         self._next = 0
-        self._pending: dict[str, tuple[float, asyncio.Future[None]]] = {}
+        self._pending: dict[str, tuple[float, asyncio.Future[bytes]]] = {}
         self._sub: Subscription | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -64,17 +69,18 @@ class AckedPublisher:
                 fut.set_exception(PublishError("publisher stopped"))
         self._pending.clear()
 
-    async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
-        """Returns once JetStream has stored the message (or raises PublishError)."""
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> bytes:
+        """Returns JetStream's acknowledgement (JSON: stream, seq, duplicate) once it has
+        stored the message, or raises PublishError."""
         self._next += 1
         token = str(self._next)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[token] = (time.monotonic(), fut)
         try:
             await self.nc.publish(
                 subject, payload, reply=f"{self._prefix}.{token}", headers=headers
             )
-            await fut
+            return await fut
         finally:
             self._pending.pop(token, None)
 
@@ -89,9 +95,13 @@ class AckedPublisher:
             fut.set_exception(PublishError("no stream stores this subject (no responders)"))
         elif b'"error"' in msg.data:
             error = json.loads(msg.data).get("error", {})
-            fut.set_exception(PublishError(f"JetStream refused the publish: {error}"))
+            fut.set_exception(
+                PublishError(
+                    f"JetStream refused the publish: {error}", int(error.get("err_code", 0))
+                )
+            )
         else:
-            fut.set_result(None)
+            fut.set_result(msg.data)
 
     async def _sweep(self) -> None:
         while True:

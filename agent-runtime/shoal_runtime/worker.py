@@ -27,6 +27,7 @@ from typing import Any
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
 from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
@@ -727,8 +728,13 @@ class Worker:
         await self.publisher.publish(subject, record.to_json(), {env.MSG_ID_HEADER: msg_id})
 
     async def _already_recorded(self, task: env.Task) -> bool:
+        subject = nl.result_subject(self.ns, task.id)
         try:
-            raw = await self.js.get_last_msg(nl.RESULTS_STREAM, nl.result_subject(self.ns, task.id))
+            try:
+                raw = await self.js.get_last_msg(nl.RESULTS_STREAM, subject, direct=True)
+            except NoRespondersError:
+                # A results stream declared before direct gets were allowed.
+                raw = await self.js.get_last_msg(nl.RESULTS_STREAM, subject)
         except NotFoundError:
             return False
         if raw.data is None:

@@ -28,6 +28,7 @@ import collections
 import contextlib
 import heapq
 import itertools
+import json
 import logging
 import math
 import secrets
@@ -74,6 +75,7 @@ from shoal_api.runs.wire import (
 )
 from shoal_api.workflow import WorkflowSpec
 from shoal_operator.run_gate import DecideOutcome
+from shoal_runtime.stream import AckedPublisher, PublishError
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,9 @@ SUCCESS_WINDOW_SECONDS = 300.0
 SUCCESS_WINDOW_MAX = 1000
 DURATIONS_KEPT = 1000
 RETRY_SECONDS = 1.0
+SUBMIT_CONCURRENCY = 64
+EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
+WRONG_LAST_SEQUENCE = 10071  # JetStream's err_code for a failed compare-and-set
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,10 @@ class Tally:
         return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
 
 
+class _Conflict(Exception):  # noqa: N818  (a signal, not an error)
+    """A compare-and-set found the record at another revision."""
+
+
 class RunGone(Exception):  # noqa: N818  (a signal, not an error)
     """The run's record does not exist (never did, or expired)."""
 
@@ -187,16 +196,24 @@ class Dispatcher:
         self._outcomes: dict[tuple[str, str], collections.deque[tuple[float, bool]]] = {}
         self._turns = itertools.count()
         self._slots = asyncio.Semaphore(CONCURRENCY)
+        # Submissions have slots of their own: a burst of them must not keep results (the
+        # runs already going) from being applied.
+        self._submit_slots = asyncio.Semaphore(SUBMIT_CONCURRENCY)
+        # Task publishes and record writes go through one inbox with one timer, not
+        # nats-py's request per publish: they are most of the dispatcher's CPU.
+        self.publisher = AckedPublisher(nc)
         self._subs: list[Any] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self.dispatch_latency: collections.deque[float] = collections.deque(maxlen=100_000)
-        """Seconds from a result's arrival to its dependents' tasks being stored (bench)."""
+        """Seconds from a result's arrival to its dependents' tasks being stored and the
+        run's record written (the benchmark reads it)."""
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
         self.kv = await self.js.key_value(nl.RUNS_BUCKET)
+        await self.publisher.start()
         await self._recover()
         # The results consumer exists before the first submission is taken, so no result
         # of a run can predate it: it starts at new results.
@@ -240,6 +257,7 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
         self._loops.clear()
+        await self.publisher.stop()
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -270,11 +288,20 @@ class Dispatcher:
     # -- submissions -----------------------------------------------------------------
 
     async def _on_submit(self, msg: Msg) -> None:
-        _, _, ns, wf = msg.subject.split(".", 3)
-        reply = await self.submit(ns, wf, msg.data)
-        if msg.reply:
-            with contextlib.suppress(Exception):
-                await msg.respond(reply.to_json())
+        # nats-py runs a subscription's callbacks one after another: answering here would
+        # hold every other submission for this one's KV round trip.
+        await self._submit_slots.acquire()
+        self._spawn(self._answer(msg))
+
+    async def _answer(self, msg: Msg) -> None:
+        try:
+            _, _, ns, wf = msg.subject.split(".", 3)
+            reply = await self.submit(ns, wf, msg.data)
+            if msg.reply:
+                with contextlib.suppress(Exception):
+                    await msg.respond(reply.to_json())
+        finally:
+            self._submit_slots.release()
 
     async def submit(self, namespace: str, workflow: str, data: bytes) -> RunReply:
         """Validates a submission and stores its run; the reply says which run it is."""
@@ -542,10 +569,9 @@ class Dispatcher:
             if new is state:
                 return state
             new, follow_ups = await self._publish(new, effects)
-            assert self.kv is not None
             try:
-                revision = await self.kv.update(key, new.to_json(), last=revision)
-            except nats.js.errors.KeyWrongLastSequenceError:
+                revision = await self._store(key, new, revision)
+            except _Conflict:
                 self._records.pop(key, None)
                 continue
             if arrived is not None and any(isinstance(e, DispatchTask) for e in effects):
@@ -558,6 +584,21 @@ class Dispatcher:
             more.extend(follow_ups)
             return new
         raise RuntimeError(f"run {key}: {CAS_ATTEMPTS} compare-and-set conflicts in a row")
+
+    async def _store(self, key: str, state: RunState, revision: int) -> int:
+        """Compare-and-set of a run record (what ``KeyValue.update`` does); returns the
+        new revision, raises :class:`_Conflict` when the record moved on."""
+        try:
+            ack = await self.publisher.publish(
+                f"$KV.{nl.RUNS_BUCKET}.{key}",
+                state.to_json(),
+                {EXPECTED_LAST_SUBJECT_SEQUENCE: str(revision)},
+            )
+        except PublishError as exc:
+            if exc.code == WRONG_LAST_SEQUENCE:
+                raise _Conflict(key) from None
+            raise
+        return int(json.loads(ack)["seq"])
 
     async def _read(self, key: str) -> tuple[int, RunState] | None:
         assert self.kv is not None
@@ -616,7 +657,7 @@ class Dispatcher:
             )
             subject = nl.task_subject(state.namespace, agent, task.priority)
             sends.append(
-                self.js.publish(subject, task.to_json(), headers={MSG_ID_HEADER: task.msg_id()})
+                self.publisher.publish(subject, task.to_json(), {MSG_ID_HEADER: task.msg_id()})
             )
         if sends:
             await asyncio.gather(*sends)

@@ -10,6 +10,7 @@ from shoal_api.agent import AgentSpec
 # Extra ack-wait beyond the Agent's timeout: scheduling jitter and result publishing.
 ACK_MARGIN_SECONDS = 30
 DAY = 24 * 3600
+MAX_RESULT_CONSUMERS = 100_000
 
 
 NS_PER_SECOND = 1_000_000_000
@@ -35,6 +36,12 @@ def streams() -> list[dict[str, Any]]:
             "subjects": [nl.RESULT_SUBJECTS],
             "retention": "limits",
             "max_age": _ns(DAY),
+            # Runtimes look a workflow step's result up before running it: a direct get
+            # is answered without a JetStream API round of its own.
+            "allow_direct": True,
+            # Every waiting client holds a short-lived consumer; the server's implicit
+            # cap (1,000 per stream) would refuse busy callers.
+            "max_consumers": MAX_RESULT_CONSUMERS,
             **common,
         },
         {
