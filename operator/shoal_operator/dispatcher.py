@@ -279,6 +279,8 @@ class Dispatcher:
                     continue
                 self._records[entry.key] = (entry.revision or 0, state)
                 self._account(None, state)
+                if (when := next_wakeup(state)) is not None:
+                    heapq.heappush(self._wakeups, (when, state.namespace, state.id))
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py

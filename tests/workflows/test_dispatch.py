@@ -414,3 +414,37 @@ def test_selectors_spread_work_and_queued_runs_start_by_priority(
         assert len(started_after_high) == 3
 
     asyncio.run(main())
+
+
+def test_timers_survive_a_dispatcher_restart(nats_server: NatsServer, timeline_file: Path) -> None:
+    gated = {
+        "steps": [
+            {
+                "name": "gate",
+                "agent": "support",
+                "approval": {"required": True, "timeoutSeconds": 2, "onTimeout": "Skip"},
+                "input": {},
+            }
+        ]
+    }
+
+    async def main() -> None:
+        url = nats_server.url
+        cat = catalog(gated=gated)
+        async with agents(url, DIAMOND_AGENTS), await ShoalClient.connect(url) as client:
+            async with dispatcher(url, cat):
+                reply = await client.submit_run(NS, "gated", {})
+                async for state in client.watch_run(NS, reply.run or ""):
+                    if state.steps["gate"].phase == "WaitingApproval":
+                        break
+            # The dispatcher that armed the approval timer is gone; its successor must
+            # find the timer in the record.
+            async with dispatcher(url, cat):
+                done = await finished(client, reply.run or "")
+        assert done.phase == "Succeeded"
+        assert (done.steps["gate"].phase, done.steps["gate"].reason) == (
+            "Skipped",
+            "ApprovalTimeout",
+        )
+
+    asyncio.run(main())
