@@ -77,7 +77,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 
 from shoal_api import nats_layout as nl
 from shoal_api.envelope import MSG_ID_HEADER, Result, Task
@@ -175,22 +175,23 @@ class OneWorkflow:
 class ProbedDispatcher(Dispatcher):
     """The dispatcher, unchanged, plus two wall-clock notes for the benchmark: when each
     result arrived (by task id), and when each task it published was acknowledged by the
-    tasks stream (by task id; its publisher wrapped on this instance)."""
+    tasks stream (by task id; its JetStream publish wrapped on this instance)."""
 
     def __init__(self, nc: Client, catalog: Catalog, on_tally: Callable[[str, str], None]) -> None:
         super().__init__(nc, catalog, on_tally=on_tally)
         self.arrived: dict[str, float] = {}
         self.acked: dict[str, float] = {}
-        publish = self.publisher.publish
+        publish = self.js.publish
 
-        async def noted(subject: str, payload: bytes, headers: dict[str, str]) -> bytes:
-            ack = await publish(subject, payload, headers)
+        async def noted(subject: str, payload: bytes = b"", **kw: Any) -> PubAck:
+            ack = await publish(subject, payload, **kw)
+            headers = kw.get("headers") or {}
             if subject.startswith(TASK_PREFIX) and MSG_ID_HEADER in headers:
                 # Nats-Msg-Id of a task: <task id>.<replays>[.<hop>]
-                self.acked[headers[MSG_ID_HEADER].split(".", 1)[0]] = time.time()
+                self.acked[str(headers[MSG_ID_HEADER]).split(".", 1)[0]] = time.time()
             return ack
 
-        self.publisher.publish = noted  # type: ignore[method-assign]
+        self.js.publish = noted  # type: ignore[method-assign,assignment]
 
     async def _on_result(self, msg: Msg) -> None:
         self.arrived[msg.subject.rsplit(".", 1)[1]] = time.time()

@@ -217,7 +217,9 @@ class LocalCluster:
         a NATS restart in production would: what it stored must survive."""
         pid = self._pid("nats")
         if pid is not None:
+            t0 = time.monotonic()
             _terminate(pid)
+            log(f"nats-server stopped in {time.monotonic() - t0:.1f}s")
         time.sleep(down_seconds)
         ep = self.endpoints
         self._start_nats(ep)

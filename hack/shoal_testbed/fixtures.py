@@ -204,6 +204,9 @@ def _point_at(bed: Testbed) -> None:
     os.environ["SHOAL_HEARTBEAT_INTERVAL"] = "2"
     # Operators of several tests (or replicas of one) may run at once: any free port.
     os.environ["SHOAL_METRICS_API_PORT"] = "auto"
+    # prometheus_client's server outlives an in-process operator (a thread holding the
+    # port): off here; operator processes get a free port each (OperatorProcess).
+    os.environ["SHOAL_OPERATOR_METRICS_PORT"] = "0"
 
 
 @pytest.fixture(scope="session")
@@ -287,6 +290,7 @@ class OperatorProcess:
         self.namespace = namespace
         self.kubeconfig = kubeconfig
         self.port = free_port()
+        self.metrics_port = free_port()
         self.log = Path(tempfile.mkstemp(prefix="shoal-operator-", suffix=".log")[1])
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
@@ -295,8 +299,16 @@ class OperatorProcess:
     def liveness_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/healthz"
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
     def start(self) -> None:
-        env = {**os.environ, "SHOAL_OPERATOR_NAMESPACE": self.namespace}
+        env = {
+            **os.environ,
+            "SHOAL_OPERATOR_NAMESPACE": self.namespace,
+            "SHOAL_OPERATOR_METRICS_PORT": str(self.metrics_port),
+        }
         if self.kubeconfig is not None:
             env["KUBECONFIG"] = str(self.kubeconfig)
         with self.log.open("ab") as out:

@@ -45,6 +45,7 @@ from shoal_operator.reconcilers import scaling as scaling_rec
 from shoal_operator.reconcilers import workflow as workflow_rec
 from shoal_operator.reconcilers.common import Problem
 from shoal_operator.run_gate import RunGate
+from shoal_operator.run_metrics import RunMetrics
 from shoal_operator.settings import FIELD_MANAGER, FINALIZER, HANDOVER_MANAGER
 from shoal_operator.workqueue import WorkQueue
 
@@ -177,6 +178,8 @@ class Controller:
     autoscaler: Autoscaler | None = None
     dispatcher: Dispatcher | None = None
     """The workflow run dispatcher, while this replica leads."""
+    run_metrics: RunMetrics = field(default_factory=RunMetrics)
+    """The dispatchers' metrics; one registry however often leadership changes."""
     _workflow_views: dict[tuple[str, str], tuple[Any, WorkflowView]] = field(default_factory=dict)
     _decision_shown: dict[tuple[str, str], float] = field(default_factory=dict)
     _policy_specs: dict[tuple[str, str], tuple[Any, ScalingPolicySpec]] = field(
@@ -789,8 +792,6 @@ class Controller:
         )
         await self._write_status("ScalingPolicy", body, status, events)
 
-    # -- autoscaling (the loop itself is in autoscaler.py) --------------------------
-
     # -- workflow runs (the dispatcher itself is in dispatcher.py) -------------------
 
     async def run_dispatcher(self, lag: LagSource) -> None:
@@ -799,7 +800,9 @@ class Controller:
         assert self.nats is not None
         while True:
             await self._in_charge()
-            dispatcher = Dispatcher(self.nats.nc, self, lag=lag, on_tally=self._on_tally)
+            dispatcher = Dispatcher(
+                self.nats.nc, self, lag=lag, on_tally=self._on_tally, metrics=self.run_metrics
+            )
             try:
                 await dispatcher.start()
             except Exception as exc:
@@ -810,7 +813,7 @@ class Controller:
             self.dispatcher = self.runs = dispatcher
             try:
                 # The elector has an event for leading, none for losing it.
-                while self.leader is None or self.leader.is_leader():  # noqa: ASYNC110
+                while self._leading():  # noqa: ASYNC110
                     await asyncio.sleep(1.0)
                 log.info("no longer leading: workflow dispatcher stops")
             finally:
@@ -865,6 +868,8 @@ class Controller:
                 dt.datetime.fromtimestamp(tally.last_run, dt.UTC).isoformat().replace("+00:00", "Z")
             )
         return out
+
+    # -- autoscaling (the loop itself is in autoscaler.py) --------------------------
 
     async def run_autoscaler(self, metrics: MetricSource) -> None:
         """The per-second autoscaling loop, once NATS is there; idle unless leading."""

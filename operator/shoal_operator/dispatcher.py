@@ -28,7 +28,6 @@ import collections
 import contextlib
 import heapq
 import itertools
-import json
 import logging
 import math
 import secrets
@@ -75,7 +74,7 @@ from shoal_api.runs.wire import (
 )
 from shoal_api.workflow import WorkflowSpec
 from shoal_operator.run_gate import DecideOutcome
-from shoal_runtime.stream import AckedPublisher, PublishError
+from shoal_operator.run_metrics import RunMetrics
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +90,8 @@ SUCCESS_WINDOW_MAX = 1000
 DURATIONS_KEPT = 1000
 RETRY_SECONDS = 1.0
 SUBMIT_CONCURRENCY = 64
-EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
-WRONG_LAST_SEQUENCE = 10071  # JetStream's err_code for a failed compare-and-set
+MISSING_RECORD_DELIVERIES = 5
+MISSING_RECORD_RETRY_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -172,6 +171,7 @@ class Dispatcher:
         lag: LagSource = _no_lag,
         clock: Callable[[], float] = time.time,
         on_tally: Callable[[str, str], None] | None = None,
+        metrics: RunMetrics | None = None,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream(timeout=10)
@@ -179,6 +179,7 @@ class Dispatcher:
         self.lag = lag
         self.clock = clock
         self.on_tally = on_tally
+        self.metrics = metrics or RunMetrics()
         self.kv: KeyValue | None = None
         # key -> (revision, state) as last stored by this dispatcher: saves the read
         # before each advance; a stale entry only costs a failed compare-and-set.
@@ -199,9 +200,6 @@ class Dispatcher:
         # Submissions have slots of their own: a burst of them must not keep results (the
         # runs already going) from being applied.
         self._submit_slots = asyncio.Semaphore(SUBMIT_CONCURRENCY)
-        # Task publishes and record writes go through one inbox with one timer, not
-        # nats-py's request per publish: they are most of the dispatcher's CPU.
-        self.publisher = AckedPublisher(nc)
         self._subs: list[Any] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
@@ -213,7 +211,6 @@ class Dispatcher:
 
     async def start(self) -> None:
         self.kv = await self.js.key_value(nl.RUNS_BUCKET)
-        await self.publisher.start()
         await self._recover()
         # The results consumer exists before the first submission is taken, so no result
         # of a run can predate it: it starts at new results.
@@ -257,7 +254,6 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
         self._loops.clear()
-        await self.publisher.stop()
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -299,6 +295,14 @@ class Dispatcher:
         try:
             _, _, ns, wf = msg.subject.split(".", 3)
             reply = await self.submit(ns, wf, msg.data)
+            outcome: str
+            if reply.error is not None:
+                outcome = reply.error.code
+                # A name nobody declared must not become a time series of its own.
+                wf = "" if outcome == "WorkflowNotFound" else wf
+            else:
+                outcome = "Created" if reply.created else "Existing"
+            self.metrics.submissions.labels(ns, wf, outcome).inc()
             if msg.reply:
                 with contextlib.suppress(Exception):
                     await msg.respond(reply.to_json())
@@ -389,11 +393,16 @@ class Dispatcher:
 
     async def _start(self, namespace: str, workflow: str, run: str) -> None:
         state: RunState | None = None
+        missing = 0
         while state is None:
             try:
                 state = await self.apply(namespace, run, Started())
             except RunGone:
-                break
+                # As for results: a store recovering after a restart may not find it yet.
+                missing += 1
+                if missing >= MISSING_RECORD_DELIVERIES:
+                    break
+                await asyncio.sleep(MISSING_RECORD_RETRY_SECONDS)
             except Exception as exc:
                 log.warning("run %s/%s not started yet: %s", namespace, run, exc)
                 await asyncio.sleep(RETRY_SECONDS)
@@ -436,6 +445,10 @@ class Dispatcher:
     def tally(self, namespace: str, workflow: str) -> Tally | None:
         return self._tallies.get((namespace, workflow))
 
+    def queues(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(active, queued) runs per Workflow."""
+        return {wf: (t.active, t.queued) for wf, t in self._tallies.items()}
+
     # -- events ----------------------------------------------------------------------
 
     async def _on_result(self, msg: Msg) -> None:
@@ -467,7 +480,13 @@ class Dispatcher:
             try:
                 await self.apply(ns, result.run, event, arrived=arrived)
             except RunGone:
-                pass  # a run that expired (or never was): nothing to advance
+                # Records outlive runs by weeks: a missing one is most likely a store
+                # still recovering after a restart. Asked again a few times before the
+                # result is let go as one of a run that expired (or never was).
+                if msg.metadata.num_delivered < MISSING_RECORD_DELIVERIES:
+                    await msg.nak(delay=MISSING_RECORD_RETRY_SECONDS)
+                    return
+                log.warning("run %s/%s: no record; result of %s dropped", ns, result.run, result.id)
             except Exception as exc:
                 log.warning(
                     "run %s/%s: result of %s not applied yet: %s", ns, result.run, result.id, exc
@@ -558,7 +577,8 @@ class Dispatcher:
         self, key: str, event: Event, more: collections.deque[Event], arrived: float | None
     ) -> RunState:
         for _ in range(CAS_ATTEMPTS):
-            current = self._records.get(key) or await self._read(key)
+            cached = self._records.get(key)
+            current = cached or await self._read(key)
             if current is None:
                 raise RunGone(key)
             revision, state = current
@@ -569,15 +589,25 @@ class Dispatcher:
             else:
                 new, effects = advance(view.spec, state, event, self.clock())
             if new is state:
+                if cached is not None:
+                    # Nothing to do, by the cache: confirm it with the store, which may be
+                    # behind the cache (a nats-server that lost its latest writes). A
+                    # change decided on a stale cache would fail its compare-and-set; a
+                    # no-op would silently drop the event.
+                    self._records.pop(key, None)
+                    continue
                 return state
             new, follow_ups = await self._publish(new, effects)
             try:
                 revision = await self._store(key, new, revision)
             except _Conflict:
+                self.metrics.conflicts.inc()
                 self._records.pop(key, None)
                 continue
             if arrived is not None and any(isinstance(e, DispatchTask) for e in effects):
-                self.dispatch_latency.append(time.perf_counter() - arrived)
+                took = time.perf_counter() - arrived
+                self.dispatch_latency.append(took)
+                self.metrics.dispatch.observe(took)
             if new.terminal:
                 self._records.pop(key, None)
             else:
@@ -588,19 +618,13 @@ class Dispatcher:
         raise RuntimeError(f"run {key}: {CAS_ATTEMPTS} compare-and-set conflicts in a row")
 
     async def _store(self, key: str, state: RunState, revision: int) -> int:
-        """Compare-and-set of a run record (what ``KeyValue.update`` does); returns the
-        new revision, raises :class:`_Conflict` when the record moved on."""
+        """Compare-and-set of a run record; returns the new revision, raises
+        :class:`_Conflict` when the record moved on."""
+        assert self.kv is not None
         try:
-            ack = await self.publisher.publish(
-                f"$KV.{nl.RUNS_BUCKET}.{key}",
-                state.to_json(),
-                {EXPECTED_LAST_SUBJECT_SEQUENCE: str(revision)},
-            )
-        except PublishError as exc:
-            if exc.code == WRONG_LAST_SEQUENCE:
-                raise _Conflict(key) from None
-            raise
-        return int(json.loads(ack)["seq"])
+            return await self.kv.update(key, state.to_json(), last=revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            raise _Conflict(key) from None
 
     async def _read(self, key: str) -> tuple[int, RunState] | None:
         assert self.kv is not None
@@ -659,7 +683,7 @@ class Dispatcher:
             )
             subject = nl.task_subject(state.namespace, agent, task.priority)
             sends.append(
-                self.publisher.publish(subject, task.to_json(), {MSG_ID_HEADER: task.msg_id()})
+                self.js.publish(subject, task.to_json(), headers={MSG_ID_HEADER: task.msg_id()})
             )
         if sends:
             await asyncio.gather(*sends)
@@ -692,6 +716,10 @@ class Dispatcher:
         self._account(old, new)
         for effect in effects:
             if isinstance(effect, RunFinished):
+                labels = (new.namespace, new.workflow)
+                self.metrics.finished.labels(*labels, effect.phase, effect.reason).inc()
+                if new.finished is not None and new.started is not None:
+                    self.metrics.duration.labels(*labels).observe(new.finished - new.started)
                 log.info(
                     "run %s/%s of %s %s: %s",
                     new.namespace,

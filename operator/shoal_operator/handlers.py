@@ -35,6 +35,7 @@ from shoal_operator.settings import FIELD_MANAGER, HANDOVER_MANAGER, configure
 
 log = logging.getLogger("shoal_operator")
 
+DEFAULT_METRICS_PORT = 9090
 DEFAULT_RUNTIME_IMAGE = "ghcr.io/shoal-dev/shoal-runtime:0.1.0"
 STATE: dict[str, Any] = {}
 CHILD_LABELS = dict(MANAGED_BY)
@@ -238,6 +239,15 @@ async def _start_metrics_api(ctl: Controller, own_ns: str | None) -> None:
         return pending + in_flight
 
     STATE["tasks"].append(asyncio.create_task(ctl.run_dispatcher(lag), name="shoal-dispatcher"))
+    ctl.run_metrics.watch_queues(lambda: ctl.dispatcher.queues() if ctl.dispatcher else {})
+    port = int(os.environ.get("SHOAL_OPERATOR_METRICS_PORT", DEFAULT_METRICS_PORT))
+    if port:
+        try:
+            ctl.run_metrics.serve(port)
+        except OSError as exc:
+            log.error("operator metrics off: cannot listen on port %s: %s", port, exc)
+        else:
+            log.info("operator metrics on :%s/metrics", port)
     try:
         config = MetricsApiConfig.from_env(os.environ)
     except ValueError as exc:

@@ -290,6 +290,15 @@ def test_max_concurrent_runs_queues_the_excess(
             assert {r.phase for r in replies} == {"Pending"}
             states = [await finished(client, r.run or "") for r in replies]
             tally = d.tally(NS, "one")
+            registry = d.metrics.registry
+            labels = {"namespace": NS, "workflow": "one"}
+            succeeded = registry.get_sample_value(
+                "shoal_workflow_runs_total", {**labels, "phase": "Succeeded", "reason": "Succeeded"}
+            )
+            created = registry.get_sample_value(
+                "shoal_workflow_submissions_total", {**labels, "outcome": "Created"}
+            )
+            assert (succeeded, created) == (6, 6)
         assert {s.phase for s in states} == {"Succeeded"}
         assert tally is not None
         assert (tally.succeeded, tally.active, tally.queued) == (6, 0, 0)
