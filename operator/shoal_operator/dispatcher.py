@@ -91,6 +91,8 @@ DURATIONS_KEPT = 1000
 RETRY_SECONDS = 1.0
 SUBMIT_CONCURRENCY = 64
 MISSING_RECORD_DELIVERIES = 5
+# How often (and after how long) dispatched steps are checked for results already stored.
+RESYNC_SECONDS = 30.0
 MISSING_RECORD_RETRY_SECONDS = 2.0
 
 
@@ -237,6 +239,7 @@ class Dispatcher:
         # Submissions are answered from the moment start() returns.
         await self.nc.flush()
         self._loops.append(asyncio.create_task(self._timer(), name="shoal-run-timer"))
+        self._loops.append(asyncio.create_task(self._resync(), name="shoal-run-resync"))
         for ns, wf in sorted(self._queued):
             self._start_queued(ns, wf)
         log.info(
@@ -468,15 +471,7 @@ class Dispatcher:
             if result.run is None or result.step is None:
                 await msg.ack()
                 return
-            event = StepResult(
-                step=result.step,
-                task_id=result.id,
-                status=result.status,
-                output=result.output,
-                reason=result.reason,
-                message=result.message,
-                path=result.path,
-            )
+            event = _step_result(result)
             try:
                 await self.apply(ns, result.run, event, arrived=arrived)
             except RunGone:
@@ -733,6 +728,46 @@ class Dispatcher:
             heapq.heappush(self._wakeups, (when, new.namespace, new.id))
             self._woken.set()
 
+    async def _resync(self) -> None:
+        """Level-triggered backstop for lost events: a step dispatched a while ago whose
+        result is already stored gets that result applied. Results arrive as events; a
+        nats-server restart can lose a consumer's record of what it delivered but not
+        acknowledged, and then such a result is never delivered again."""
+        while True:
+            await asyncio.sleep(RESYNC_SECONDS)
+            now = self.clock()
+            for (ns, _), runs in list(self._active.items()):
+                for run in sorted(runs):
+                    key = run_key(ns, run)
+                    try:
+                        current = self._records.get(key) or await self._read(key)
+                        if current is not None and current[1].phase == "Running":
+                            await self._catch_up(current[1], now)
+                    except Exception as exc:  # NATS trouble: the next round looks again
+                        log.debug("resync of %s skipped: %s", key, exc)
+
+    async def _catch_up(self, state: RunState, now: float) -> None:
+        for name, step in sorted(state.steps.items()):
+            if step.phase != "Dispatched" or step.task_id is None:
+                continue
+            if (step.started or now) > now - RESYNC_SECONDS:
+                continue
+            try:
+                raw = await self.js.get_last_msg(
+                    nl.RESULTS_STREAM,
+                    nl.result_subject(state.namespace, step.task_id),
+                    direct=True,
+                )
+            except nats.js.errors.NotFoundError:
+                continue  # no result yet
+            result = Result.model_validate_json(raw.data or b"")
+            if result.step is None:
+                continue
+            log.info(
+                "run %s/%s: catching up on the result of step %s", state.namespace, state.id, name
+            )
+            self._spawn(self._apply_logged(state.namespace, state.id, _step_result(result)))
+
     # -- time ------------------------------------------------------------------------
 
     async def _timer(self) -> None:
@@ -765,3 +800,17 @@ class _KeyLock:
         if self.owner._lock_users[self.key] <= 0:
             del self.owner._lock_users[self.key]
             del self.owner._locks[self.key]
+
+
+def _step_result(result: Result) -> StepResult:
+    """The engine's event for a step's result record."""
+    assert result.step is not None
+    return StepResult(
+        step=result.step,
+        task_id=result.id,
+        status=result.status,
+        output=result.output,
+        reason=result.reason,
+        message=result.message,
+        path=result.path,
+    )

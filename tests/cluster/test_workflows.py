@@ -210,12 +210,16 @@ def test_a_thousand_runs_survive_an_operator_kill_and_a_nats_restart(
                 states = await client.list_runs(namespace, "inquiry")
                 return sum(s.terminal for s in states) >= at_least
 
-            # Mid-flight: the operator dies (SIGKILL) and comes back, then NATS restarts.
-            await until(lambda: finished(RUNS // 5), 180, f"{RUNS // 5} runs finished")
+            async def executed(steps: int) -> bool:
+                return len(read_timeline(timeline)) >= steps
+
+            # Mid-flight: the operator dies (SIGKILL) and comes back, then NATS restarts
+            # while the new operator has not yet taken over.
+            await until(lambda: executed(RUNS), 180, f"{RUNS} steps executed")
             operator_process.kill()
             operator_process.wait()
             operator_process.start()
-            await until(lambda: finished(RUNS // 2), 180, f"{RUNS // 2} runs finished")
+            await until(lambda: executed(2 * RUNS), 180, f"{2 * RUNS} steps executed")
             assert testbed.local is not None
             testbed.local.restart_nats(down_seconds=1.0)
             again = await client.submit_run(
