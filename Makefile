@@ -17,17 +17,24 @@ PYTEST_ARGS ?=
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml
+UV := bash hack/uv.sh
+PYPROJECTS := pyproject.toml $(wildcard */pyproject.toml)
+
+# Exactly the versions in uv.lock (a fresh clone installs what CI tested); --locked fails
+# when a pyproject.toml changed without `make lock`.
+$(VENV)/.installed: uv.lock $(PYPROJECTS) hack/versions.env
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
-	@echo "[shoal] creating $(VENV) (Python packages, editable)"
-	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install --quiet --upgrade pip
-	@$(PY) -m pip install --quiet -e '.[dev]'
+	@echo "[shoal] installing the workspace into $(VENV) from uv.lock (editable)"
+	@$(UV) sync --locked --python $(PYTHON)
 	@touch $@
 
 .PHONY: dev
-dev: $(VENV)/.installed ## Create .venv and build/cache the control-plane binaries
+dev: $(VENV)/.installed ## Create .venv from uv.lock and build/cache the control-plane binaries
 	@bash hack/build-control-plane.sh >/dev/null
+
+.PHONY: lock
+lock: ## Upgrade every dependency to the newest allowed version (changes uv.lock only)
+	$(UV) lock --upgrade --python $(PYTHON)
 
 .PHONY: crds
 crds: $(VENV)/.installed ## Regenerate crds/ from the pydantic models
@@ -41,7 +48,7 @@ manifests: $(VENV)/.installed ## Regenerate the operator's RBAC (kustomize + cha
 lint: $(VENV)/.installed ## ruff, mypy --strict, import-linter
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy --strict api operator agent-runtime hack examples tests bench
+	$(VENV)/bin/mypy --strict api core operator agent-runtime cli testbed examples tests bench
 	$(VENV)/bin/lint-imports
 
 .PHONY: verify
@@ -87,8 +94,7 @@ run-operator: install-crds ## Run the operator in the foreground against the loc
 
 .PHONY: bench
 bench: dev ## Benchmarks (fresh local test beds); writes bench/results/*.json and *.md
-	@echo "[shoal] installing the benchmark extras (Celery, redis-py) and redis-server"
-	@$(PY) -m pip install --quiet -e '.[dev,bench]'
+	@echo "[shoal] installing redis-server (the Celery baseline's broker)"
 	@bash hack/install-redis.sh >/dev/null
 	$(PY) bench/operator_scale.py
 	$(PY) bench/runtime_throughput.py

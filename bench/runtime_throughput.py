@@ -629,9 +629,7 @@ class CeleryCounter:
     def __init__(self, url: str) -> None:
         # Keep the client: when it is collected, its pool closes the pub/sub connection.
         self.client = redis.Redis.from_url(url)
-        self.pubsub: redis.client.PubSub = self.client.pubsub(  # type: ignore[no-untyped-call]
-            ignore_subscribe_messages=True
-        )
+        self.pubsub: redis.client.PubSub = self.client.pubsub(ignore_subscribe_messages=True)
         self.pubsub.psubscribe(CELERY_KEY_PREFIX + "*")
         self.lock = threading.Lock()
         self.ids: set[str] = set()

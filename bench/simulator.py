@@ -35,9 +35,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from shoal_api.autoscale.forecast import GRID, forecast
-from shoal_api.autoscale.simulate import DEFAULT_START, Step, simulate, summarize
 from shoal_api.scaling import ScalingPolicySpec
+from shoal_core.autoscale.forecast import GRID, forecast
+from shoal_core.autoscale.simulate import DEFAULT_START, Step, simulate, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 DAY = 86400
@@ -164,7 +164,7 @@ def render(doc: dict[str, Any]) -> str:
         " + Latency 2000 ms + CPU 70 %, a weekday window 08:00-18:00 UTC with minReplicas 3,"
         f" prediction on; {PER_REPLICA_RATE:g} tasks/s per replica, replicas ready 5 s after"
         " they are added. The trace starts on Monday 2026-01-05 00:00 UTC. Every run replays"
-        " the whole trace through `shoal_api.autoscale.simulate.simulate()` (what"
+        " the whole trace through `shoal_core.autoscale.simulate.simulate()` (what"
         " `shoal simulate` runs, without reading the CSV or plotting).",
     ]
     return "\n".join(lines) + "\n"

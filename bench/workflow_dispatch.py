@@ -81,10 +81,10 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 
 from shoal_api import nats_layout as nl
 from shoal_api.envelope import MSG_ID_HEADER, Result, Task
-from shoal_api.runs.engine import task_id_for
 from shoal_api.workflow import WorkflowSpec
+from shoal_cli.client import ShoalClient
+from shoal_core.runs.engine import task_id_for
 from shoal_operator.dispatcher import Catalog, Dispatcher, WorkflowView, view_of
-from shoal_runtime.client import ShoalClient
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")

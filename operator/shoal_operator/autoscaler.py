@@ -8,7 +8,7 @@ The HPA does 1..N on the external metrics; what it cannot do is done here:
 - ``controller.kubernetes.io/pod-deletion-cost`` kept at each pod's in-flight count, so
   the ReplicaSet removes idle pods first when the HPA scales in.
 
-Decisions are pure (:mod:`shoal_api.autoscale.policy`); this module gathers the
+Decisions are pure (:mod:`shoal_core.autoscale.policy`); this module gathers the
 observations (JetStream, the runtimes' stats in KV, the clock) and carries out
 ``scale_to``. Arrival history for the forecast is kept in KV, per minute, so a restarted
 operator keeps what it learned.
@@ -31,11 +31,11 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from nats.js.kv import KeyValue
 
 from shoal_api import nats_layout as nl
-from shoal_api.autoscale.forecast import fit
-from shoal_api.autoscale.policy import Observation, Plan, plan
-from shoal_api.autoscale.schedule import describe_window, schedule_floor
 from shoal_api.runtime_state import PodStats
 from shoal_api.scaling import ScalingPolicySpec
+from shoal_core.autoscale.forecast import fit
+from shoal_core.autoscale.policy import Observation, Plan, plan
+from shoal_core.autoscale.schedule import describe_window, schedule_floor
 
 log = logging.getLogger(__name__)
 

@@ -25,11 +25,11 @@ from pydantic import ValidationError
 from shoal_api import nats_layout as nl
 from shoal_api.agent import AgentSpec
 from shoal_api.approval import ApprovalSpec
-from shoal_api.autoscale.policy import Plan
 from shoal_api.base import ApiModel
 from shoal_api.runtime_state import CircuitRecord, UsageRecord
 from shoal_api.scaling import ScalingPolicySpec
 from shoal_api.workflow import WorkflowSpec
+from shoal_core.autoscale.policy import Plan
 from shoal_operator.autoscaler import Autoscaler, MetricSource, PolicyView
 from shoal_operator.builders.apiservice import MetricsProvider
 from shoal_operator.builders.common import Owner

@@ -8,7 +8,7 @@ the next tasks are published to the tasks stream. Workflow specs and Agent capab
 come from the operator's watch cache, in memory; nothing waits on the Kubernetes API.
 
 Every change of a run is ``advance(spec, state, event, now)`` (pure, in
-:mod:`shoal_api.runs.engine`) followed by a compare-and-set on the record's revision, so
+:mod:`shoal_core.runs.engine`) followed by a compare-and-set on the record's revision, so
 two dispatchers (or a dispatcher and a handler writing the run's context) never both
 move a run from the same revision. The tasks an advance asks for are published *before*
 its compare-and-set: their ids are deterministic, so if the dispatcher dies in between,
@@ -48,8 +48,6 @@ from pydantic import ValidationError
 from shoal_api import nats_layout as nl
 from shoal_api.envelope import MSG_ID_HEADER, Result, Task
 from shoal_api.json_schema import schema_error, validator, violation
-from shoal_api.runs.conditions import compile_when
-from shoal_api.runs.engine import WORKFLOW_DELETED, abandon, advance, invalid_reason, next_wakeup
 from shoal_api.runs.model import (
     ApprovalDecided,
     Cancel,
@@ -62,7 +60,6 @@ from shoal_api.runs.model import (
     StepResult,
     Tick,
 )
-from shoal_api.runs.selection import choose
 from shoal_api.runs.wire import (
     DISPATCH_QUEUE,
     ErrorCode,
@@ -73,6 +70,9 @@ from shoal_api.runs.wire import (
     run_key,
 )
 from shoal_api.workflow import WorkflowSpec
+from shoal_core.runs.engine import WORKFLOW_DELETED, abandon, advance, invalid_reason, next_wakeup
+from shoal_core.runs.selection import choose
+from shoal_core.runs.when import compile_when
 from shoal_operator.run_gate import DecideOutcome
 from shoal_operator.run_metrics import RunMetrics
 

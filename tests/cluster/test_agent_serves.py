@@ -20,7 +20,7 @@ pytestmark = pytest.mark.cluster
 
 def shoal(testbed: Testbed, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "shoal_runtime.cli", *args],
+        [sys.executable, "-m", "shoal_cli.cli", *args],
         env={**os.environ, "SHOAL_NATS_URL": testbed.nats_url},
         capture_output=True,
         text=True,

@@ -77,7 +77,7 @@ def whoami(testbed: Testbed) -> str:
 
 def shoal(*args: str, kubeconfig: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "shoal_runtime.cli", *args, "--kubeconfig", str(kubeconfig)],
+        [sys.executable, "-m", "shoal_cli.cli", *args, "--kubeconfig", str(kubeconfig)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -306,7 +306,7 @@ def test_a_rejection_reaches_the_run_through_the_dispatcher(
 ) -> None:
     """The whole way, with the operator's own run dispatcher: a run waits at the gate, a
     person rejects it with shoal reject, the run records who, and fails the step."""
-    from shoal_runtime.client import ShoalClient
+    from shoal_cli.client import ShoalClient
 
     testbed.apply(agent("support"), namespace)
     testbed.apply(

@@ -19,7 +19,7 @@ import pytest
 
 from shoal_api import nats_layout as nl
 from shoal_api.envelope import Result
-from shoal_runtime.client import ShoalClient
+from shoal_cli.client import ShoalClient
 from shoal_testbed.fixtures import OperatorProcess, Testbed, eventually
 from tests.helpers import REPO, agent, condition, is_ready, runtimes
 from tests.runtime.support import until
@@ -31,7 +31,7 @@ HANDLER = "tests.workflows.handlers:work"
 
 def shoal(testbed: Testbed, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "shoal_runtime.cli", *args],
+        [sys.executable, "-m", "shoal_cli.cli", *args],
         env={**os.environ, "SHOAL_NATS_URL": testbed.nats_url},
         capture_output=True,
         text=True,

@@ -33,8 +33,8 @@ from shoal_api.envelope import (
     dead_letter_for,
     parse_task,
 )
-from shoal_runtime.cli import app, describe
-from shoal_runtime.client import (
+from shoal_cli.cli import app, describe
+from shoal_cli.client import (
     ResultTimeoutError,
     ShoalClient,
     ShoalConnectionError,
@@ -334,7 +334,7 @@ def test_unreachable_nats_is_exit_3_without_a_traceback() -> None:
         [
             sys.executable,
             "-m",
-            "shoal_runtime.cli",
+            "shoal_cli.cli",
             "submit",
             "echo",
             "--nats",

@@ -11,7 +11,6 @@ from typing import Any, cast
 
 import pytest
 
-from shoal_api.runs.engine import advance
 from shoal_api.runs.model import (
     ApprovalDecided,
     AwaitApproval,
@@ -23,6 +22,7 @@ from shoal_api.runs.model import (
     StepResult,
 )
 from shoal_api.workflow import WorkflowSpec
+from shoal_core.runs.engine import advance
 from shoal_examples import auth, compliance, crm, support, triage
 from shoal_runtime.handlers import import_callable
 from shoal_runtime.sdk import Context, ContextConflict, PermanentError, RunContext

@@ -23,13 +23,13 @@ from shoal_api import approval
 from shoal_api.approval import ApprovalSpec
 from shoal_api.crd import KINDS, custom_resource_definition, policy_file, render_policy
 from shoal_api.runs.model import ApprovalDecided
+from shoal_cli import kubeapi
+from shoal_cli.approvals import approval_name
 from shoal_operator import controller as ctl_mod
 from shoal_operator.builders.deployment import RuntimeDefaults
 from shoal_operator.kube import Kube
 from shoal_operator.reconcilers import approval as approval_rec
 from shoal_operator.run_gate import DecideOutcome
-from shoal_runtime import kubeapi
-from shoal_runtime.approvals import approval_name
 from shoal_testbed import pki
 
 REPO = Path(__file__).resolve().parents[2]

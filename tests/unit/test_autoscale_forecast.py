@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shoal_api.autoscale.forecast import ALPHAS, BETAS, GAMMAS, fit, forecast
+from shoal_core.autoscale.forecast import ALPHAS, BETAS, GAMMAS, fit, forecast
 
 M = 24
 

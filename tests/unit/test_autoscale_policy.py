@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shoal_api.autoscale.policy import MAX_DECISION, Observation, Plan, plan
 from shoal_api.scaling import ScalingPolicySpec
+from shoal_core.autoscale.policy import MAX_DECISION, Observation, Plan, plan
 
 NOW = 1_767_571_200.0  # 2026-01-05 00:00 UTC
 

@@ -10,13 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shoal_api.autoscale.schedule import (
+from shoal_api.scaling import ScheduleWindow
+from shoal_core.autoscale.schedule import (
     describe_window,
     next_boundary,
     schedule_floor,
     validate_window,
 )
-from shoal_api.scaling import ScheduleWindow
 
 # 2026-01-05 is a Monday.
 MONDAY = datetime(2026, 1, 5, tzinfo=UTC)

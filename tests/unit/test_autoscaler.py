@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from shoal_api.autoscale.policy import Plan
 from shoal_api.runtime_state import PodStats
 from shoal_api.scaling import ScalingPolicySpec
+from shoal_core.autoscale.policy import Plan
 from shoal_operator.autoscaler import DELETION_COST, Autoscaler, PolicyView
 
 

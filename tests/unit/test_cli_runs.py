@@ -19,8 +19,8 @@ from typer.testing import Result as CliResult
 
 from shoal_api.runs.model import RunState, StepState
 from shoal_api.runs.wire import RunReply
-from shoal_runtime import cli
-from shoal_runtime.client import (
+from shoal_cli import cli
+from shoal_cli.client import (
     DispatcherUnavailableError,
     RunRejectedError,
     ShoalClient,

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shoal_api.autoscale.hpa_model import (
+from shoal_api.scaling import Metric
+from shoal_core.autoscale.hpa_model import (
     DEFAULT_SCALE_DOWN,
     DEFAULT_SCALE_UP,
     HpaModel,
@@ -16,7 +17,6 @@ from shoal_api.autoscale.hpa_model import (
     Readings,
     parse_behavior,
 )
-from shoal_api.scaling import Metric
 
 LAG = Metric(type="QueueLag", target=10)
 LATENCY = Metric(type="Latency", target_millis=2000)

@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console, RenderableType
 
 from shoal_api.runs.model import RunState, StepApproval, StepState
-from shoal_runtime import run_view as rv
+from shoal_cli import run_view as rv
 
 T0 = 1_767_600_000.0  # 2026-01-05T08:00:00Z
 

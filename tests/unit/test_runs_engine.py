@@ -9,8 +9,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shoal_api.envelope import Task
-from shoal_api.runs.conditions import compile_when
-from shoal_api.runs.engine import abandon, advance, next_wakeup, task_id_for
 from shoal_api.runs.model import (
     ApprovalDecided,
     AwaitApproval,
@@ -26,6 +24,8 @@ from shoal_api.runs.model import (
     parse_event,
 )
 from shoal_api.workflow import WorkflowSpec
+from shoal_core.runs.engine import abandon, advance, next_wakeup, task_id_for
+from shoal_core.runs.when import compile_when
 
 NOW = 1_767_571_200.0
 RUN = "r-7f3a"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shoal_api.runs.selection import choose
+from shoal_core.runs.selection import choose
 
 AGENTS = ["a", "b", "c"]
 

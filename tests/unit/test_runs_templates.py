@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from shoal_api.runs.templates import TemplateError, lookup, render
+from shoal_core.runs.templates import TemplateError, lookup, render
 
 SCOPE: dict[str, Any] = {
     "input": {"customerId": "c-42", "message": "hi", "count": 3, "tags": ["a", "b"]},

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from shoal_api.runs.conditions import WhenError, compile_when, evaluate_when
+from shoal_core.runs.when import WhenError, compile_when, evaluate_when
 
 STEPS: dict[str, dict[str, Any]] = {
     "classify": {"output": {"category": "spam", "score": 0.75}, "phase": "Succeeded"},
@@ -90,7 +90,7 @@ def test_a_non_bool_result_is_an_error() -> None:
 
 
 def test_compiled_programs_are_cached() -> None:
-    from shoal_api.runs import conditions
+    from shoal_core.runs import when as conditions
 
     conditions._program.cache_clear()
     for _ in range(3):

@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 from typer.testing import Result as CliResult
 
-from shoal_api.autoscale.simulate import (
+from shoal_api.scaling import ScalingPolicySpec
+from shoal_cli.cli import app
+from shoal_core.autoscale.simulate import (
     DEFAULT_START,
     Step,
     TraceError,
@@ -23,8 +25,6 @@ from shoal_api.autoscale.simulate import (
     simulate,
     summarize,
 )
-from shoal_api.scaling import ScalingPolicySpec
-from shoal_runtime.cli import app
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -323,7 +323,7 @@ def test_cli_without_matplotlib(
     out = tmp_path / "plot.png"
     result = invoke("simulate", str(policy), "--trace", str(trace), "--out", str(out))
     assert result.exit_code == 2
-    assert "plotting needs matplotlib: pip install 'shoal[simulate]'" in result.stderr
+    assert "plotting needs matplotlib: pip install 'shoal-cli[simulate]'" in result.stderr
     assert not out.exists()
 
 

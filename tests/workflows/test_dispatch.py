@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from shoal_runtime.client import DispatcherUnavailableError, RunRejectedError, ShoalClient
+from shoal_cli.client import DispatcherUnavailableError, RunRejectedError, ShoalClient
 from shoal_testbed.fixtures import NatsServer
 from tests.runtime.support import NS
 from tests.workflows.support import (

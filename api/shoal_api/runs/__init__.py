@@ -4,7 +4,7 @@ The dispatcher (a later piece) keeps each run in one NATS KV record and feeds it
 everything here is free of I/O and clocks, so a run replays identically:
 
 - :mod:`~shoal_api.runs.model`: the run record, its events and the effects it asks for.
-- :mod:`~shoal_api.runs.engine`: :func:`~shoal_api.runs.engine.advance`, the transition.
-- :mod:`~shoal_api.runs.templates`: ``${input.x}`` / ``${steps.NAME.output.y}`` rendering.
-- :mod:`~shoal_api.runs.conditions`: a step's CEL ``when``.
+- :mod:`~shoal_core.runs.engine`: :func:`~shoal_core.runs.engine.advance`, the transition.
+- :mod:`~shoal_core.runs.templates`: ``${input.x}`` / ``${steps.NAME.output.y}`` rendering.
+- :mod:`~shoal_core.runs.when`: a step's CEL ``when``.
 """

@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from shoal_api.autoscale.policy import Plan
-from shoal_api.autoscale.schedule import validate_window
 from shoal_api.scaling import ScalingPolicySpec
+from shoal_core.autoscale.policy import Plan
+from shoal_core.autoscale.schedule import validate_window
 from shoal_operator.builders import hpa as hpa_builder
 from shoal_operator.builders.apiservice import MetricsProvider
 from shoal_operator.builders.common import Owner

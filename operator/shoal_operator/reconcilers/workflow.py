@@ -7,8 +7,8 @@ from typing import Any
 
 from shoal_api import dag
 from shoal_api.json_schema import schema_error
-from shoal_api.runs.conditions import compile_when
 from shoal_api.workflow import WorkflowSpec
+from shoal_core.runs.when import compile_when
 from shoal_operator.conditions import Cond, EventSpec, merge_conditions, transition_events
 from shoal_operator.reconcilers.common import Problem
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from shoal_api.approval import ApprovalSpec
 from shoal_api.base import API_VERSION, GROUP, VERSION
-from shoal_runtime.kubeapi import KubeApi
+from shoal_cli.kubeapi import KubeApi
 
 Decision = Literal["Approve", "Reject"]
 NAME_MAX = 253

@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from shoal_api import dag
-from shoal_api.runs.conditions import WhenError, evaluate_when
 from shoal_api.runs.model import (
     ApprovalDecided,
     AwaitApproval,
@@ -38,8 +37,9 @@ from shoal_api.runs.model import (
     StepState,
     Tick,
 )
-from shoal_api.runs.templates import TemplateError, render
 from shoal_api.workflow import Step, WorkflowSpec
+from shoal_core.runs.templates import TemplateError, render
+from shoal_core.runs.when import WhenError, evaluate_when
 
 _TASK_ID_MAX = 128
 _TASK_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")

@@ -6,16 +6,16 @@ The pieces are the ones a cluster has, in miniature:
   ``replicas x per_replica_rate`` tasks off it; its lag is pending + in flight;
 - pods: a replica the Deployment gains becomes ready ``startup_seconds`` later; one it
   loses goes at once, the newest first (a ReplicaSet deletes unready, younger pods first);
-- the operator: :func:`~shoal_api.autoscale.policy.plan` every second, with the schedule
+- the operator: :func:`~shoal_core.autoscale.policy.plan` every second, with the schedule
   floor of the simulated wall clock and, with ``predictive.enabled``, a Holt-Winters
   forecast over the arrivals seen so far in one-minute buckets: the highest rate it
   expects within ``horizonSeconds`` (pre-warmed replicas must last through a burst, not
   only be there when the horizon ends);
-- the HPA: :class:`~shoal_api.autoscale.hpa_model.HpaModel` every 15 s within the bounds
+- the HPA: :class:`~shoal_core.autoscale.hpa_model.HpaModel` every 15 s within the bounds
   the operator last set.
 
 The forecast is refitted once per season and moved on one bucket a minute in between,
-which is :func:`~shoal_api.autoscale.forecast.forecast` with its parameters held for a
+which is :func:`~shoal_core.autoscale.forecast.forecast` with its parameters held for a
 season; refitting every minute would cost a day of history each simulated minute.
 """
 
@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from shoal_api.autoscale.forecast import HoltWinters, fit
-from shoal_api.autoscale.hpa_model import SYNC_PERIOD_SECONDS, HpaModel, Readings
-from shoal_api.autoscale.policy import Observation, plan
-from shoal_api.autoscale.schedule import describe_window, next_boundary, schedule_floor
 from shoal_api.scaling import ScalingPolicySpec
+from shoal_core.autoscale.forecast import HoltWinters, fit
+from shoal_core.autoscale.hpa_model import SYNC_PERIOD_SECONDS, HpaModel, Readings
+from shoal_core.autoscale.policy import Observation, plan
+from shoal_core.autoscale.schedule import describe_window, next_boundary, schedule_floor
 
 DEFAULT_START = datetime(2026, 1, 5, tzinfo=UTC)
 """A Monday, 00:00 UTC: where a trace without wall-clock times starts."""
@@ -316,14 +316,14 @@ def read_trace(path: Path) -> Trace:
 
 def plot(steps: Sequence[Step], start: datetime, path: Path, title: str = "") -> None:
     """Three stacked charts in a PNG: arrivals/s, queue lag, and replicas with the HPA's
-    bounds. Needs matplotlib (``pip install 'shoal[simulate]'``); ImportError without it."""
+    bounds. Needs matplotlib (``pip install 'shoal-cli[simulate]'``); ImportError without it."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise ImportError("plotting needs matplotlib: pip install 'shoal[simulate]'") from exc
+        raise ImportError("plotting needs matplotlib: pip install 'shoal-cli[simulate]'") from exc
 
     # Hours from the start, not datetimes: 86,400 points plot much faster as floats.
     times = [s.t / 3600 for s in steps]

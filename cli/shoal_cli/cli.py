@@ -36,15 +36,12 @@ from rich.table import Table
 from rich.text import Text
 
 from shoal_api.approval import ApprovalSpec
-from shoal_api.autoscale import simulate as sim
-from shoal_api.autoscale.hpa_model import parse_behavior
-from shoal_api.autoscale.schedule import validate_window
 from shoal_api.envelope import DeadLetter, Result, Task, new_task_id, to_dict
 from shoal_api.runs.model import RunState
 from shoal_api.runs.wire import IDEMPOTENCY_KEY_MAX, RunReply
 from shoal_api.scaling import ScalingPolicySpec
-from shoal_runtime import approvals, kubeapi
-from shoal_runtime.client import (
+from shoal_cli import approvals, kubeapi
+from shoal_cli.client import (
     URL_ENV,
     DispatcherUnavailableError,
     ReplayReport,
@@ -56,8 +53,8 @@ from shoal_runtime.client import (
     StreamsMissingError,
     check_name,
 )
-from shoal_runtime.run_view import age as _age
-from shoal_runtime.run_view import (
+from shoal_cli.run_view import age as _age
+from shoal_cli.run_view import (
     change_lines,
     header_lines,
     live_view,
@@ -65,9 +62,12 @@ from shoal_runtime.run_view import (
     runs_table,
     steps_table,
 )
-from shoal_runtime.run_view import duration as _duration
-from shoal_runtime.run_view import to_json as _json
-from shoal_runtime.run_view import truncate as _truncate
+from shoal_cli.run_view import duration as _duration
+from shoal_cli.run_view import to_json as _json
+from shoal_cli.run_view import truncate as _truncate
+from shoal_core.autoscale import simulate as sim
+from shoal_core.autoscale.hpa_model import parse_behavior
+from shoal_core.autoscale.schedule import validate_window
 
 T = TypeVar("T")
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BUILD_SCRIPT = Path(__file__).resolve().parent.parent / "build-control-plane.sh"
+BUILD_SCRIPT = Path(__file__).resolve().parents[2] / "hack" / "build-control-plane.sh"
 REQUIRED = (
     "etcd",
     "kube-apiserver",

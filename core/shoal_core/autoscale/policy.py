@@ -100,8 +100,8 @@ def plan(
     """The HPA's bounds and the 0 <-> 1 step for ``obs``.
 
     ``schedule_min`` and ``schedule_why`` come from
-    :func:`~shoal_api.autoscale.schedule.schedule_floor` (and
-    :func:`~shoal_api.autoscale.schedule.describe_window` of its window).
+    :func:`~shoal_core.autoscale.schedule.schedule_floor` (and
+    :func:`~shoal_core.autoscale.schedule.describe_window` of its window).
     """
     reasons: list[str] = []
 
