@@ -8,7 +8,7 @@ nats-server (JetStream in a temp dir) and, each as its own process as in a clust
   streams, buckets and consumers declared the way the operator declares them, each at
   concurrency 64. Processes rather than in-process runtimes: on 2 cores, seven event
   loops in one process would measure the contention of one loop, not dispatch;
-- the dispatcher (``shoal_operator.dispatcher.Dispatcher``, unchanged, fed by a static
+- the dispatcher (``shoal_operator.runs.Dispatcher``, unchanged, fed by a static
   catalog instead of the operator's watch cache) in a process of its own, as in the
   operator. A thin subclass notes two wall-clock times for the benchmark: a result's
   arrival, and the publish acknowledgement of the tasks it led to.
@@ -84,7 +84,7 @@ from shoal_api.envelope import MSG_ID_HEADER, Result, Task
 from shoal_api.workflow import WorkflowSpec
 from shoal_cli.client import ShoalClient
 from shoal_core.runs.engine import task_id_for
-from shoal_operator.dispatcher import Catalog, Dispatcher, WorkflowView, view_of
+from shoal_operator.runs import Catalog, Dispatcher, WorkflowView, view_of
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")

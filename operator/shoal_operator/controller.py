@@ -35,7 +35,6 @@ from shoal_operator.builders.apiservice import MetricsProvider
 from shoal_operator.builders.common import Owner
 from shoal_operator.builders.deployment import RuntimeDefaults
 from shoal_operator.conditions import Cond, EventSpec, merge_conditions, transition_events
-from shoal_operator.dispatcher import Dispatcher, LagSource, WorkflowView, view_of
 from shoal_operator.jetstream_admin import JetStreamAdmin, queue_counts
 from shoal_operator.kube import Kube
 from shoal_operator.leader import LeaderElector
@@ -44,8 +43,7 @@ from shoal_operator.reconcilers import approval as approval_rec
 from shoal_operator.reconcilers import scaling as scaling_rec
 from shoal_operator.reconcilers import workflow as workflow_rec
 from shoal_operator.reconcilers.common import Problem
-from shoal_operator.run_gate import RunGate
-from shoal_operator.run_metrics import RunMetrics
+from shoal_operator.runs import Dispatcher, LagSource, RunGate, RunMetrics, WorkflowView, view_of
 from shoal_operator.settings import FIELD_MANAGER, FINALIZER, HANDOVER_MANAGER
 from shoal_operator.workqueue import WorkQueue
 

@@ -17,7 +17,7 @@ import pytest
 
 from shoal_api.runs.model import ApprovalDecided
 from shoal_operator.controller import Controller
-from shoal_operator.run_gate import DecideOutcome
+from shoal_operator.runs import DecideOutcome
 from shoal_testbed.fixtures import Testbed, eventually
 from tests.helpers import REPO, agent, is_ready
 

@@ -29,7 +29,7 @@ from shoal_operator import controller as ctl_mod
 from shoal_operator.builders.deployment import RuntimeDefaults
 from shoal_operator.kube import Kube
 from shoal_operator.reconcilers import approval as approval_rec
-from shoal_operator.run_gate import DecideOutcome
+from shoal_operator.runs import DecideOutcome
 from shoal_testbed import pki
 
 REPO = Path(__file__).resolve().parents[2]

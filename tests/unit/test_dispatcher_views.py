@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from shoal_api.workflow import WorkflowSpec
-from shoal_operator.dispatcher import Tally, view_of
+from shoal_operator.runs import Tally, view_of
 
 
 def spec(**fields: Any) -> WorkflowSpec:

@@ -14,7 +14,7 @@ import nats
 from shoal_api.runs.model import RunState
 from shoal_api.workflow import WorkflowSpec
 from shoal_cli.client import ShoalClient
-from shoal_operator.dispatcher import Dispatcher, WorkflowView, view_of
+from shoal_operator.runs import Dispatcher, WorkflowView, view_of
 from tests.runtime.support import NS, declare, running, until
 
 HANDLERS = "tests.workflows.handlers"
