@@ -30,7 +30,6 @@ from shoal_api.runtime_state import CircuitRecord, UsageRecord
 from shoal_api.scaling import ScalingPolicySpec
 from shoal_api.workflow import WorkflowSpec
 from shoal_core.autoscale.policy import Plan
-from shoal_operator.autoscaler import Autoscaler, MetricSource, PolicyView
 from shoal_operator.builders.apiservice import MetricsProvider
 from shoal_operator.builders.common import Owner
 from shoal_operator.builders.deployment import RuntimeDefaults
@@ -44,6 +43,7 @@ from shoal_operator.reconcilers import scaling as scaling_rec
 from shoal_operator.reconcilers import workflow as workflow_rec
 from shoal_operator.reconcilers.common import Problem
 from shoal_operator.runs import Dispatcher, LagSource, RunGate, RunMetrics, WorkflowView, view_of
+from shoal_operator.scaling import Autoscaler, MetricSource, PolicyView
 from shoal_operator.settings import FIELD_MANAGER, FINALIZER, HANDOVER_MANAGER
 from shoal_operator.workqueue import WorkQueue
 

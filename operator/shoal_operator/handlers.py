@@ -24,7 +24,7 @@ from shoal_operator.health import HEARTBEAT_LABEL, Heartbeat
 from shoal_operator.jetstream_admin import JetStreamAdmin
 from shoal_operator.kube import Kube
 from shoal_operator.leader import LeaderElector
-from shoal_operator.metrics_api import (
+from shoal_operator.scaling import (
     MAX_AGE_SECONDS,
     MetricsApiConfig,
     MetricsApiServer,

@@ -9,7 +9,7 @@ from typing import Any
 from shoal_api.runtime_state import PodStats
 from shoal_api.scaling import ScalingPolicySpec
 from shoal_core.autoscale.policy import Plan
-from shoal_operator.autoscaler import DELETION_COST, Autoscaler, PolicyView
+from shoal_operator.scaling.autoscaler import DELETION_COST, Autoscaler, PolicyView
 
 
 class FakeMetrics:
@@ -105,7 +105,7 @@ def test_no_deployment_means_no_decision() -> None:
 
 
 def test_a_forecast_of_the_daily_burst_raises_the_floor_before_it_comes() -> None:
-    from shoal_operator.autoscaler import _Track
+    from shoal_operator.scaling.autoscaler import _Track
 
     h = Harness()
     day = [60.0] * 1440

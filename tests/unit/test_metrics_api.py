@@ -22,22 +22,24 @@ from shoal_api.runtime_state import PodStats
 from shoal_api.scaling import ScalingPolicySpec
 from shoal_operator.builders import apiservice as reg
 from shoal_operator.builders.common import Owner
-from shoal_operator.metrics_api import (
-    AgentNotFound,
-    ArrivalRate,
+from shoal_operator.reconcilers import scaling as scaling_rec
+from shoal_operator.scaling.metrics_api_server import (
     MetricsApiConfig,
     MetricsApiServer,
-    MetricsSource,
-    MetricsUnavailable,
-    QueueMetrics,
-    QueueSample,
     SelectorError,
     agent_from_selector,
     make_app,
     quantity,
-    self_signed_pem,
 )
-from shoal_operator.reconcilers import scaling as scaling_rec
+from shoal_operator.scaling.queue_metrics import (
+    AgentNotFound,
+    ArrivalRate,
+    MetricsSource,
+    MetricsUnavailable,
+    QueueMetrics,
+    QueueSample,
+)
+from shoal_operator.scaling.tls import self_signed_pem
 
 NS = "team-a"
 BASE = "/apis/external.metrics.k8s.io/v1beta1"
@@ -636,7 +638,7 @@ def test_policies_say_who_serves_the_metrics() -> None:
 
 
 def test_rfc3339_timestamp_shape() -> None:
-    from shoal_operator.metrics_api import rfc3339
+    from shoal_api.timestamps import rfc3339
 
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", rfc3339(1_700_000_000.5))
     assert json.dumps(rfc3339(0)) == '"1970-01-01T00:00:00Z"'
