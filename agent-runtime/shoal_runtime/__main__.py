@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shoal_api import pod_contract as pod
 from shoal_runtime.config import ConfigError, Settings
-from shoal_runtime.handlers import HandlerLoadError
+from shoal_runtime.handler_loading import HandlerLoadError
 from shoal_runtime.probes import ProbeServer, Route
 from shoal_runtime.worker import Worker
 

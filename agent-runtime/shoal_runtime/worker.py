@@ -37,7 +37,7 @@ from shoal_api.agent import AgentSpec
 from shoal_api.json_schema import validator, violation
 from shoal_runtime.breaker import Breaker, Transition
 from shoal_runtime.config import Settings
-from shoal_runtime.handlers import Handlers
+from shoal_runtime.handler_loading import Handlers
 from shoal_runtime.metrics import Metrics
 from shoal_runtime.run_context import RunContext
 from shoal_runtime.sdk import Context, PermanentError, RetryableError
