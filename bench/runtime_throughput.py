@@ -511,9 +511,10 @@ async def start_shoal(stack: contextlib.AsyncExitStack, tmp: Path) -> NatsSystem
     from shoal_api import nats_layout
     from shoal_api.agent import AgentSpec
     from shoal_api.envelope import Task
+    from shoal_api.pod_contract import CONFIG_ENV
     from shoal_operator.builders import jetstream
     from shoal_operator.builders.common import Owner
-    from shoal_operator.builders.deployment import CONFIG_ENV, runtime_config
+    from shoal_operator.builders.deployment import runtime_config
     from shoal_operator.jetstream_admin import JetStreamAdmin
 
     main = REPO / "agent-runtime" / "shoal_runtime" / "__main__.py"

@@ -14,12 +14,35 @@ import sys
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from shoal_api import pod_contract as pod
 from shoal_runtime.config import ConfigError, Settings
-from shoal_runtime.handlers import HandlerLoadError
-from shoal_runtime.probes import ProbeServer
+from shoal_runtime.handler_loading import HandlerLoadError
+from shoal_runtime.probes import ProbeServer, Route
 from shoal_runtime.worker import Worker
 
 log = logging.getLogger("shoal.runtime")
+
+
+def _probe(ok: bool, what: str) -> tuple[int, str, bytes]:
+    return (200 if ok else 503), "text/plain", f"{what}: {'ok' if ok else 'no'}\n".encode()
+
+
+def health_routes(worker: Worker) -> dict[str, Route]:
+    """Liveness and readiness, on the pod contract's paths (the probes of the Deployment)."""
+    return {
+        pod.LIVENESS_PATH: lambda: _probe(worker.alive, "live"),
+        pod.READINESS_PATH: lambda: _probe(worker.ready and not worker.stopping, "ready"),
+    }
+
+
+def metrics_routes(worker: Worker) -> dict[str, Route]:
+    return {
+        pod.METRICS_PATH: lambda: (
+            200,
+            CONTENT_TYPE_LATEST,
+            generate_latest(worker.metrics.registry),
+        )
+    }
 
 
 async def serve(settings: Settings) -> None:
@@ -28,19 +51,8 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-
-    def probe(ok: bool, what: str) -> tuple[int, str, bytes]:
-        return (200 if ok else 503), "text/plain", f"{what}: {'ok' if ok else 'no'}\n".encode()
-
-    health = ProbeServer(
-        {
-            "/livez": lambda: probe(worker.alive, "live"),
-            "/readyz": lambda: probe(worker.ready and not worker.stopping, "ready"),
-        }
-    )
-    metrics = ProbeServer(
-        {"/metrics": lambda: (200, CONTENT_TYPE_LATEST, generate_latest(worker.metrics.registry))}
-    )
+    health = ProbeServer(health_routes(worker))
+    metrics = ProbeServer(metrics_routes(worker))
     await health.listen(settings.health_port)
     await metrics.listen(settings.metrics_port)
     try:

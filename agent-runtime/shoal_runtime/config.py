@@ -2,7 +2,9 @@
 
 Every setting comes from the environment the operator's Deployment defines
 (``SHOAL_AGENT_CONFIG`` holds the spec with defaults applied), parsed by the same
-pydantic models that generate the CRD, so the runtime and the API server agree.
+pydantic models that generate the CRD, so the runtime and the API server agree. The env
+names, ports and drain margin are the pod contract (:mod:`shoal_api.pod_contract`), which
+the operator's Deployment builder imports too.
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from shoal_api import pod_contract as pod
 from shoal_api.agent import AgentSpec
+from shoal_api.pod_contract import CONFIG_ENV, DRAIN_RESERVE_SECONDS
 
-CONFIG_ENV = "SHOAL_AGENT_CONFIG"
-# The pod's terminationGracePeriodSeconds is timeout + 30 s; leave a few seconds of it
-# for handing back unfinished work and closing the connection.
-DRAIN_RESERVE_SECONDS = 5.0
+__all__ = ["CONFIG_ENV", "DRAIN_RESERVE_SECONDS", "ConfigError", "Settings"]
 
 
 class ConfigError(ValueError):
@@ -34,8 +35,8 @@ class Settings:
     spec: AgentSpec
     nats_url: str = "nats://127.0.0.1:4222"
     pod_name: str = ""
-    health_port: int = 8080
-    metrics_port: int = 9090
+    health_port: int = pod.HEALTH_PORT
+    metrics_port: int = pod.METRICS_PORT
     grace_seconds: float = 90.0
     llm_api_key: str | None = None
 
@@ -52,7 +53,7 @@ class Settings:
         except (ValueError, KeyError, TypeError) as exc:
             detail = exc.errors()[0] if isinstance(exc, ValidationError) else exc
             raise ConfigError(f"{CONFIG_ENV} is not a valid Agent config: {detail}") from None
-        for var, value in (("SHOAL_NAMESPACE", namespace), ("SHOAL_AGENT", agent)):
+        for var, value in ((pod.NAMESPACE_ENV, namespace), (pod.AGENT_ENV, agent)):
             if env.get(var, value) != value:
                 raise ConfigError(f"{var}={env[var]} disagrees with {CONFIG_ENV} ({value})")
         try:
@@ -60,12 +61,14 @@ class Settings:
                 namespace=namespace,
                 agent=agent,
                 spec=spec,
-                nats_url=env.get("SHOAL_NATS_URL", cls.nats_url),
-                pod_name=env.get("SHOAL_POD_NAME") or socket.gethostname(),
-                health_port=int(env.get("SHOAL_HEALTH_PORT", cls.health_port)),
-                metrics_port=int(env.get("SHOAL_METRICS_PORT", cls.metrics_port)),
-                grace_seconds=float(env.get("SHOAL_GRACE_SECONDS", spec.timeout_seconds + 30)),
-                llm_api_key=env.get("SHOAL_LLM_API_KEY") or None,
+                nats_url=env.get(pod.NATS_URL_ENV, cls.nats_url),
+                pod_name=env.get(pod.POD_NAME_ENV) or socket.gethostname(),
+                health_port=int(env.get(pod.HEALTH_PORT_ENV, cls.health_port)),
+                metrics_port=int(env.get(pod.METRICS_PORT_ENV, cls.metrics_port)),
+                grace_seconds=float(
+                    env.get(pod.GRACE_SECONDS_ENV, pod.grace_period_seconds(spec.timeout_seconds))
+                ),
+                llm_api_key=env.get(pod.LLM_API_KEY_ENV) or None,
             )
         except ValueError as exc:
             raise ConfigError(f"bad runtime setting: {exc}") from None

@@ -23,9 +23,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import nats.js.errors
 from nats.js.kv import KeyValue
 
+from shoal_api import kv as kvs
 from shoal_api.runs.model import RunState
 from shoal_api.runs.wire import run_key
 
@@ -53,11 +53,10 @@ class RunContext:
         self.run = run
 
     async def _read(self) -> tuple[int, RunState]:
-        try:
-            entry = await self.kv.get(self.key)
-        except nats.js.errors.KeyNotFoundError:
-            raise RunClosedError(f"run {self.run} has no record") from None
-        return entry.revision or 0, RunState.model_validate_json(entry.value or b"")
+        raw, revision = await kvs.read(self.kv, self.key)
+        if raw is None:
+            raise RunClosedError(f"run {self.run} has no record")
+        return revision, RunState.model_validate_json(raw)
 
     async def snapshot(self) -> tuple[dict[str, Any], int]:
         """The whole context and its version."""
@@ -84,9 +83,7 @@ class RunContext:
             new = state.with_context(values)
             if new is state:
                 return state.context_version
-            try:
-                await self.kv.update(self.key, new.to_json(), last=revision)
-            except nats.js.errors.KeyWrongLastSequenceError:
+            if await kvs.compare_and_set(self.kv, self.key, new.to_json(), revision) is None:
                 continue  # the dispatcher (or another step) wrote first: read again
             return new.context_version
         raise RuntimeError(f"run {self.run}: {ATTEMPTS} conflicting writes in a row")

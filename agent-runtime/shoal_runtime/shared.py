@@ -20,10 +20,10 @@ from decimal import Decimal
 from typing import Any
 
 from nats.js.client import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
+from shoal_api import kv as kvs
 from shoal_api import nats_layout as nl
 from shoal_api.envelope import canonical_json
 from shoal_api.runtime_state import CircuitRecord, PodStats, UsageRecord
@@ -32,26 +32,6 @@ from shoal_runtime.breaker import Breaker, Transition
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 CAS_ATTEMPTS = 8
-
-
-async def _get(kv: KeyValue, key: str) -> tuple[bytes | None, int]:
-    """(value, revision); revision 0 when the key does not exist yet."""
-    try:
-        entry = await kv.get(key)
-    except (KeyNotFoundError, NotFoundError):
-        return None, 0
-    if entry.value is None or entry.operation in ("DEL", "PURGE"):
-        return None, entry.revision or 0
-    return entry.value, entry.revision or 0
-
-
-async def _cas(kv: KeyValue, key: str, value: bytes, revision: int) -> bool:
-    """Writes if the key is still at ``revision`` (0: still absent)."""
-    try:
-        await kv.update(key, value, last=revision)
-    except KeyWrongLastSequenceError:
-        return False
-    return True
 
 
 class CircuitSync:
@@ -70,7 +50,7 @@ class CircuitSync:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        raw, _ = await _get(self.kv, self.key)
+        raw, _ = await kvs.read(self.kv, self.key)
         if raw is not None and (record := _parse_circuit(raw)) and self.breaker.adopt(record):
             self.on_change(record.state)
         self._task = asyncio.create_task(self._watch(), name="circuit-watch")
@@ -81,13 +61,18 @@ class CircuitSync:
     async def publish(self, transition: Transition) -> None:
         """Writes our transition unless another replica already moved the circuit later."""
         for _ in range(CAS_ATTEMPTS):
-            raw, rev = await _get(self.kv, self.key)
+            raw, rev = await kvs.read(self.kv, self.key)
             current = _parse_circuit(raw) if raw is not None else None
             if current is not None and current.since > transition.since:
                 if self.breaker.adopt(current):
                     self.on_change(current.state)
                 return
-            if await _cas(self.kv, self.key, transition.record(self.pod).to_json(), rev):
+            if (
+                await kvs.compare_and_set(
+                    self.kv, self.key, transition.record(self.pod).to_json(), rev
+                )
+                is not None
+            ):
                 log.warning(
                     "circuit %s: %s (failure rate %.0f%%)",
                     transition.state,
@@ -144,7 +129,7 @@ class SharedWindow:
         Returns (added, count after)."""
         for _ in range(CAS_ATTEMPTS):
             w = self.current()
-            raw, rev = await _get(self.kv, self.key)
+            raw, rev = await kvs.read(self.kv, self.key)
             used = 0
             if raw is not None:
                 doc = json.loads(raw)
@@ -153,7 +138,7 @@ class SharedWindow:
             if grant == 0:
                 return 0, used
             body = json.dumps({"w": w, "n": used + grant}).encode()
-            if await _cas(self.kv, self.key, body, rev):
+            if await kvs.compare_and_set(self.kv, self.key, body, rev) is not None:
                 return grant, used + grant
         return 0, 0
 
@@ -256,7 +241,7 @@ class UsageLedger:
     async def flush(self) -> None:
         """Merges our pending usage (if any) and refreshes the shared view."""
         for _ in range(CAS_ATTEMPTS):
-            raw, rev = await _get(self.kv, self.key)
+            raw, rev = await kvs.read(self.kv, self.key)
             try:
                 current = UsageRecord.model_validate_json(raw) if raw else UsageRecord()
             except ValidationError:
@@ -267,7 +252,7 @@ class UsageLedger:
                 self._set(current)
                 return
             merged = current.add(int(self.clock() // 3600), tasks, tokens, cost)
-            if await _cas(self.kv, self.key, merged.to_json(), rev):
+            if await kvs.compare_and_set(self.kv, self.key, merged.to_json(), rev) is not None:
                 self._tasks -= tasks
                 self._tokens -= tokens
                 self._cost -= cost
@@ -359,7 +344,7 @@ class ResultCache:
         return nl.cache_key(self.namespace, self.agent, digest)
 
     async def get(self, input: Any) -> tuple[bool, Any]:
-        raw, _ = await _get(self.kv, self.key(input))
+        raw, _ = await kvs.read(self.kv, self.key(input))
         if raw is None:
             return False, None
         doc = json.loads(raw)

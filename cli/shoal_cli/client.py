@@ -8,6 +8,11 @@ letters. What the ``shoal`` CLI is built on, usable from any asyncio program::
 Everything goes through JetStream: tasks are published to the Agent's task subject (and
 acknowledged by the stream), results are read from the results stream, so a result that
 arrived before anyone waited for it is not lost.
+
+Longer than 500 lines on purpose: :class:`ShoalClient` is the SDK's one public class, and
+its task, run and dead-letter calls share one connection and its helpers, so it stays
+one class in one file. The name checks, errors and records it takes and returns live in
+:mod:`shoal_cli.client_types` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -17,11 +22,9 @@ import collections
 import contextlib
 import logging
 import os
-import re
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -30,7 +33,6 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.js import api
-from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
@@ -44,6 +46,38 @@ from shoal_api.envelope import (
 )
 from shoal_api.runs.model import RunState
 from shoal_api.runs.wire import RunReply, RunRequest, run_key
+from shoal_cli.client_types import (
+    DispatcherUnavailableError,
+    Published,
+    ReplayReport,
+    ResultTimeoutError,
+    ResultWatch,
+    RunRejectedError,
+    ShoalConnectionError,
+    ShoalError,
+    Skipped,
+    StreamsMissingError,
+    check_name,
+    check_run_id,
+)
+
+__all__ = [
+    "DEFAULT_URL",
+    "URL_ENV",
+    "DispatcherUnavailableError",
+    "Published",
+    "ReplayReport",
+    "ResultTimeoutError",
+    "ResultWatch",
+    "RunRejectedError",
+    "ShoalClient",
+    "ShoalConnectionError",
+    "ShoalError",
+    "Skipped",
+    "StreamsMissingError",
+    "check_name",
+    "check_run_id",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,126 +100,6 @@ WATCH_HEARTBEAT_SECONDS = 2.0
 # leaves no dispatcher for a few seconds.
 SUBMIT_ATTEMPT_SECONDS = 5.0
 SUBMIT_RETRY_SECONDS = 0.5
-
-
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-
-
-_RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-
-
-def _run_id(value: str) -> str:
-    """Run ids end up in KV keys: no dots or wildcards."""
-    if not _RUN_ID.match(value):
-        raise ValueError(f"run {value!r} is not a valid run id (A-Z, a-z, 0-9, _, -)")
-    return value
-
-
-def check_name(kind: str, value: str) -> str:
-    """Namespaces and Agent names become subject tokens: a dot or a wildcard in one would
-    address other subjects than meant."""
-    if not _DNS_LABEL.match(value):
-        raise ValueError(f"{kind} {value!r} is not a valid name (a DNS label: a-z, 0-9, -)")
-    return value
-
-
-class ShoalError(Exception):
-    """Base of the errors the client raises on purpose."""
-
-
-class ShoalConnectionError(ShoalError):
-    """NATS cannot be reached (or refuses the connection)."""
-
-
-class StreamsMissingError(ShoalError):
-    """NATS is up but Shoal's JetStream streams are not there."""
-
-    def __init__(self, detail: str = "") -> None:
-        super().__init__(
-            "Shoal's JetStream streams do not exist on this NATS server"
-            " (is the Shoal operator running and connected to it?)"
-            + (f": {detail}" if detail else "")
-        )
-
-
-class RunRejectedError(ShoalError):
-    """The dispatcher refused a run: ``code`` says why (``shoal_api.runs.wire.ErrorCode``)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class DispatcherUnavailableError(ShoalError):
-    """No dispatcher answered a run submission (the Shoal operator is not running, or has
-    no connection to this NATS server)."""
-
-
-class ResultTimeoutError(ShoalError, TimeoutError):
-    """No result arrived in time; the task may still be queued or running."""
-
-    def __init__(self, task_id: str, timeout: float) -> None:
-        super().__init__(f"no result for task {task_id} within {timeout:g}s")
-        self.task_id = task_id
-        self.timeout = timeout
-
-
-@dataclass(frozen=True)
-class Published:
-    """A task envelope accepted by the tasks stream."""
-
-    task: Task
-    subject: str
-    seq: int
-    duplicate: bool
-    """JetStream dropped it as a resubmission of the same hop within the duplicate
-    window: the earlier message (``seq``) is the one that counts."""
-
-
-@dataclass(frozen=True)
-class Skipped:
-    seq: int
-    reason: str
-
-
-@dataclass
-class ReplayReport:
-    """What :meth:`ShoalClient.replay` did, entry by entry (by DLQ stream sequence)."""
-
-    replayed: list[tuple[int, Published]] = field(default_factory=list)
-    skipped: list[Skipped] = field(default_factory=list)
-
-    @property
-    def tasks(self) -> list[Task]:
-        return [p.task for _, p in self.replayed]
-
-
-class ResultWatch:
-    """Results of one task as the results stream delivers them, from the latest stored
-    one on; opened before the task is published so the result cannot slip by."""
-
-    def __init__(self, sub: JetStreamContext.PushSubscription, task_id: str, min_replays: int):
-        self._sub = sub
-        self.task_id = task_id
-        self.min_replays = min_replays
-
-    async def wait(self, timeout: float | None = None) -> Result:  # noqa: ASYNC109
-        """The task's result; :class:`ResultTimeoutError` after ``timeout`` seconds."""
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    msg = await self._sub.next_msg(timeout=None)
-                    try:
-                        result = Result.model_validate_json(msg.data)
-                    except ValidationError as exc:
-                        log.warning("ignoring unreadable result on %s: %s", msg.subject, exc)
-                        continue
-                    # An older record of the task (before a DLQ replay) is not the answer.
-                    if result.replays >= self.min_replays:
-                        return result
-        except TimeoutError:
-            raise ResultTimeoutError(self.task_id, timeout or 0.0) from None
 
 
 class ShoalClient:
@@ -433,7 +347,7 @@ class ShoalClient:
         """The run's current record, or None when there is no such run."""
         kv = await self._runs()
         try:
-            entry = await kv.get(run_key(check_name("namespace", namespace), _run_id(run)))
+            entry = await kv.get(run_key(check_name("namespace", namespace), check_run_id(run)))
         except nats.js.errors.KeyNotFoundError:
             return None
         return RunState.model_validate_json(entry.value or b"")
@@ -442,7 +356,7 @@ class ShoalClient:
         """The run's record now and after every change, until it is finished. Ends at
         once (with nothing) when there is no such run."""
         kv = await self._runs()
-        key = run_key(check_name("namespace", namespace), _run_id(run))
+        key = run_key(check_name("namespace", namespace), check_run_id(run))
         watcher = await kv.watch(key, inactive_threshold=EPHEMERAL_INACTIVE_SECONDS)
         try:
             while True:

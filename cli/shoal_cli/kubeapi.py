@@ -2,9 +2,10 @@
 Kubernetes writes (``shoal approve``): credentials from a kubeconfig or the pod's
 service account, JSON over httpx.
 
-Why not kubernetes_asyncio: the runtime package never imports a Kubernetes client (an
-import-linter contract; its image stays small), and these commands need a handful of
-requests. What kubectl users have configured works: client certificates, bearer tokens
+Why it is kept rather than kubernetes_asyncio: the CLI is what users ``pip install``, and
+these commands need a handful of requests; a small client on the httpx and PyYAML the CLI
+has anyway spares every user a large generated client and its dependencies. What kubectl
+users have configured works: client certificates, bearer tokens
 and token files, basic auth, and exec credential plugins (EKS, GKE, AKS, OIDC logins).
 Legacy ``auth-provider`` entries do not: they are reported as such.
 """

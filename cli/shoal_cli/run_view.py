@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any
 
 from rich.table import Table
 from rich.text import Text
 
 from shoal_api.runs.model import RunPhase, RunState, StepPhase, StepState
+from shoal_api.timestamps import rfc3339
 
 STEP_LOOK: dict[StepPhase, tuple[str, str]] = {
     "Waiting": ("·", "dim"),
@@ -77,10 +77,6 @@ def elapsed(start: float | None, end: float | None, now: float) -> str:
         return ""
     seconds = max(0.0, (now if end is None else end) - start)
     return f"{seconds:.1f}s" if seconds < 10 else duration(seconds)
-
-
-def timestamp(at: float) -> str:
-    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def steps_done(state: RunState) -> tuple[int, int]:
@@ -180,7 +176,7 @@ def header_lines(state: RunState, now: float) -> list[str]:
         ("phase", state.phase),
         ("reason", reason_text(state.reason, state.message)),
         ("priority", str(state.priority)),
-        ("created", f"{timestamp(state.created)} ({age(state.created, now)} ago)"),
+        ("created", f"{rfc3339(state.created)} ({age(state.created, now)} ago)"),
         ("duration", elapsed(state.started, state.finished, now)),
         ("steps", f"{done}/{total} done"),
     ]

@@ -24,7 +24,7 @@ from shoal_api.runs.model import (
 from shoal_api.workflow import WorkflowSpec
 from shoal_core.runs.engine import advance
 from shoal_examples import auth, compliance, crm, support, triage
-from shoal_runtime.handlers import import_callable
+from shoal_runtime.handler_loading import import_callable
 from shoal_runtime.sdk import Context, ContextConflict, PermanentError, RunContext
 from shoal_testbed.fixtures import NatsServer
 from tests.helpers import EXAMPLES, example_docs

@@ -1,10 +1,9 @@
-"""Workflow runs, as a pure state machine.
+"""The contract of a workflow run, shared by everyone who reads or writes one:
 
-The dispatcher (a later piece) keeps each run in one NATS KV record and feeds it events;
-everything here is free of I/O and clocks, so a run replays identically:
+- :mod:`~shoal_api.runs.model`: the run record kept in NATS KV (``shoal-runs``), its
+  events and the effects it asks for.
+- :mod:`~shoal_api.runs.wire`: run submissions and the dispatcher's replies on NATS, and
+  the record's key.
 
-- :mod:`~shoal_api.runs.model`: the run record, its events and the effects it asks for.
-- :mod:`~shoal_core.runs.engine`: :func:`~shoal_core.runs.engine.advance`, the transition.
-- :mod:`~shoal_core.runs.templates`: ``${input.x}`` / ``${steps.NAME.output.y}`` rendering.
-- :mod:`~shoal_core.runs.when`: a step's CEL ``when``.
+The state machine that advances a run is :mod:`shoal_core.runs` (shoal-core).
 """

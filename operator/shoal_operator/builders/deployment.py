@@ -6,16 +6,29 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from shoal_api import pod_contract as pod
 from shoal_api.agent import AgentSpec
+from shoal_api.pod_contract import CONFIG_ENV, DRAIN_MARGIN_SECONDS, HEALTH_PORT, METRICS_PORT
 from shoal_operator.builders.common import Owner, agent_labels, agent_selector
 
+# The ports, probe paths, env names and drain margin are the pod contract
+# (shoal_api.pod_contract) that the runtime reads too; re-exported here for callers.
+__all__ = [
+    "CONFIG_ENV",
+    "DRAIN_MARGIN_SECONDS",
+    "HEALTH_PORT",
+    "METRICS_PORT",
+    "RUNTIME_CONTAINER",
+    "RUNTIME_UID",
+    "RuntimeDefaults",
+    "deployment",
+    "runtime_config",
+    "service_account",
+    "service_account_name",
+]
+
 RUNTIME_CONTAINER = "runtime"
-HEALTH_PORT = 8080
-METRICS_PORT = 9090
 RUNTIME_UID = 65532
-# Seconds beyond the Agent's timeout that a terminating pod gets to hand back work.
-DRAIN_MARGIN_SECONDS = 30
-CONFIG_ENV = "SHOAL_AGENT_CONFIG"
 
 
 @dataclass(frozen=True)
@@ -55,18 +68,18 @@ def service_account(owner: Owner) -> dict[str, Any]:
 
 def _env(owner: Owner, spec: AgentSpec, defaults: RuntimeDefaults) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
-        {"name": "SHOAL_NAMESPACE", "value": owner.namespace},
-        {"name": "SHOAL_AGENT", "value": owner.name},
-        {"name": "SHOAL_NATS_URL", "value": defaults.nats_url},
+        {"name": pod.NAMESPACE_ENV, "value": owner.namespace},
+        {"name": pod.AGENT_ENV, "value": owner.name},
+        {"name": pod.NATS_URL_ENV, "value": defaults.nats_url},
         {"name": CONFIG_ENV, "value": runtime_config(owner, spec)},
-        {"name": "SHOAL_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": pod.POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
     ]
     llm = spec.handler.llm
     if llm is not None and llm.api_key_secret_ref is not None:
         ref = llm.api_key_secret_ref
         env.append(
             {
-                "name": "SHOAL_LLM_API_KEY",
+                "name": pod.LLM_API_KEY_ENV,
                 "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
             }
         )
@@ -84,14 +97,20 @@ def deployment(
         "name": RUNTIME_CONTAINER,
         "image": spec.runtime.image or defaults.image,
         "imagePullPolicy": defaults.image_pull_policy,
-        "args": ["python", "-m", "shoal_runtime"],
+        "args": list(pod.RUNTIME_COMMAND),
         "env": _env(owner, spec, defaults),
         "ports": [
-            {"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"},
-            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+            {"name": pod.HEALTH_PORT_NAME, "containerPort": HEALTH_PORT, "protocol": "TCP"},
+            {"name": pod.METRICS_PORT_NAME, "containerPort": METRICS_PORT, "protocol": "TCP"},
         ],
-        "livenessProbe": {"httpGet": {"path": "/livez", "port": "health"}, **probe},
-        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "health"}, **probe},
+        "livenessProbe": {
+            "httpGet": {"path": pod.LIVENESS_PATH, "port": pod.HEALTH_PORT_NAME},
+            **probe,
+        },
+        "readinessProbe": {
+            "httpGet": {"path": pod.READINESS_PATH, "port": pod.HEALTH_PORT_NAME},
+            **probe,
+        },
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
@@ -123,7 +142,7 @@ def deployment(
                 "spec": {
                     "serviceAccountName": service_account_name(owner, spec),
                     "automountServiceAccountToken": False,
-                    "terminationGracePeriodSeconds": spec.timeout_seconds + DRAIN_MARGIN_SECONDS,
+                    "terminationGracePeriodSeconds": pod.grace_period_seconds(spec.timeout_seconds),
                     "securityContext": {
                         "runAsNonRoot": True,
                         "runAsUser": RUNTIME_UID,

@@ -1,4 +1,5 @@
-"""Turns the Agent's handler spec into one async callable the worker awaits."""
+"""Handler loading: turns the Agent's handler spec (a Python callable or an OpenAI-compatible
+LLM) into the single and batch async callables the worker awaits."""
 
 from __future__ import annotations
 
