@@ -32,10 +32,10 @@ from typing import Any
 from kubernetes_asyncio import client, watch
 
 from shoal_api.agent import AgentSpec
+from shoal_api.pod_contract import CONFIG_ENV
 from shoal_api.scaling import ScalingPolicySpec
 from shoal_operator.builders.common import Owner
 from shoal_operator.builders.deployment import (
-    CONFIG_ENV,
     RuntimeDefaults,
     deployment,
     service_account,

@@ -374,7 +374,7 @@ async def declare_agents(url: str) -> dict[str, str]:
 
 
 def start_runtime(url: str, agent: str, config: str, tmp: Path) -> Proc:
-    from shoal_operator.builders.deployment import CONFIG_ENV
+    from shoal_api.pod_contract import CONFIG_ENV
 
     env = {
         **os.environ,

@@ -61,6 +61,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shoal_api import pod_contract
+
 REPO = Path(__file__).resolve().parents[2]
 AGENT_LABEL = "shoal.dev/agent"
 OPT_OUT_LABEL = "shoal.dev/standin"
@@ -93,7 +95,7 @@ def log(msg: str) -> None:
 def default_command() -> list[str]:
     raw = os.environ.get(COMMAND_ENV)
     if not raw:
-        return [sys.executable, "-m", "shoal_runtime"]
+        return [sys.executable, "-m", pod_contract.RUNTIME_MODULE]
     cmd = json.loads(raw)
     if not isinstance(cmd, list) or not cmd or not all(isinstance(a, str) for a in cmd):
         raise ValueError(f"{COMMAND_ENV} must be a JSON list of strings, got {raw!r}")
@@ -512,8 +514,8 @@ class KubeletStandIn:
         env["PYTHONUNBUFFERED"] = "1"
         env.update(container_env)
         # Ours win over the pod's: they are what makes many pods fit on one loopback.
-        env["SHOAL_HEALTH_PORT"] = str(slot.health_port)
-        env["SHOAL_METRICS_PORT"] = str(slot.metrics_port)
+        env[pod_contract.HEALTH_PORT_ENV] = str(slot.health_port)
+        env[pod_contract.METRICS_PORT_ENV] = str(slot.metrics_port)
         env[POD_ENV] = slot.key
         env[MARKER_ENV] = str(self.dir)
         return env
