@@ -105,7 +105,7 @@ def register(registry: kopf.OperatorRegistry, operator: Operator) -> None:
     """
     _register_cache(registry)
 
-    @kopf.on.login(registry=registry)
+    @kopf.on.login(id="_login", registry=registry)
     def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         # kopf's default login through kubernetes_asyncio reads the KUBECONFIG the
         # library captured when first imported; these read the environment now.
@@ -114,12 +114,12 @@ def register(registry: kopf.OperatorRegistry, operator: Operator) -> None:
         ) or kopf.login_with_kubeconfig(**kwargs)
         return info
 
-    @kopf.on.startup(registry=registry)
+    @kopf.on.startup(id="_startup", registry=registry)
     async def _startup(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
         configure(settings)
         await operator.start(Indexes(*(kwargs[name] for name in INDEXES)))
 
-    @kopf.on.cleanup(registry=registry)
+    @kopf.on.cleanup(id="_cleanup", registry=registry)
     async def _cleanup(**_: Any) -> None:
         await operator.stop()
 
@@ -128,26 +128,26 @@ def register(registry: kopf.OperatorRegistry, operator: Operator) -> None:
         """Fails the liveness endpoint when the heartbeat Lease stops coming back."""
         return operator.probe()
 
-    @kopf.on.event(GROUP, VERSION, "agents", registry=registry)
+    @kopf.on.event(GROUP, VERSION, "agents", id="_agent_event", registry=registry)
     async def _agent_event(
         *, namespace: str | None, name: str, type: str, body: kopf.Body, **_: Any
     ) -> None:
         if (run := operator.running) is not None:
             run.triggers.on_agent(_ns(namespace), name, None if type == "DELETED" else body)
 
-    @kopf.on.event(GROUP, VERSION, "scalingpolicies", registry=registry)
+    @kopf.on.event(GROUP, VERSION, "scalingpolicies", id="_policy_event", registry=registry)
     async def _policy_event(
         *, namespace: str | None, name: str, type: str, body: kopf.Body, **_: Any
     ) -> None:
         if (run := operator.running) is not None:
             run.triggers.on_policy(_ns(namespace), name, None if type == "DELETED" else body)
 
-    @kopf.on.event(GROUP, VERSION, "workflows", registry=registry)
+    @kopf.on.event(GROUP, VERSION, "workflows", id="_workflow_event", registry=registry)
     async def _workflow_event(*, namespace: str | None, name: str, **_: Any) -> None:
         if (run := operator.running) is not None:
             run.triggers.on_workflow(_ns(namespace), name)
 
-    @kopf.on.event(GROUP, VERSION, "approvals", registry=registry)
+    @kopf.on.event(GROUP, VERSION, "approvals", id="_approval_event", registry=registry)
     async def _approval_event(
         *, namespace: str | None, name: str, type: str, body: kopf.Body, **_: Any
     ) -> None:
@@ -158,20 +158,32 @@ def register(registry: kopf.OperatorRegistry, operator: Operator) -> None:
         if (run := operator.running) is not None:
             await run.relay.on_approval(_ns(namespace), name, None if type == "DELETED" else body)
 
-    @kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS, registry=registry)
+    @kopf.on.event(
+        "apps", "v1", "deployments", labels=CHILD_LABELS, id="_deployment_event", registry=registry
+    )
     async def _deployment_event(*, namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
         if (run := operator.running) is not None and (agent := labels.get(AGENT_LABEL)):
             run.triggers.on_deployment(_ns(namespace), agent)
 
     @kopf.on.event(
-        "autoscaling", "v2", "horizontalpodautoscalers", labels=CHILD_LABELS, registry=registry
+        "autoscaling",
+        "v2",
+        "horizontalpodautoscalers",
+        labels=CHILD_LABELS,
+        id="_hpa_event",
+        registry=registry,
     )
     async def _hpa_event(*, namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
         if (run := operator.running) is not None and (policy := labels.get(POLICY_LABEL)):
             run.triggers.on_hpa(_ns(namespace), policy)
 
     @kopf.on.event(
-        "coordination.k8s.io", "v1", "leases", labels={HEARTBEAT_LABEL: "true"}, registry=registry
+        "coordination.k8s.io",
+        "v1",
+        "leases",
+        labels={HEARTBEAT_LABEL: "true"},
+        id="_heartbeat_event",
+        registry=registry,
     )
     async def _heartbeat_event(*, name: str, **_: Any) -> None:
         operator.saw_heartbeat(name)
