@@ -25,6 +25,8 @@ DEFAULT_HEARTBEAT_INTERVAL = 10.0
 
 @dataclass(frozen=True)
 class OperatorConfig:
+    """What one operator process runs with; built by :func:`parse` or :func:`from_env`."""
+
     namespaces: tuple[str, ...] = ()
     """Watched namespaces; empty: the whole cluster."""
     nats_url: str = DEFAULT_NATS_URL
