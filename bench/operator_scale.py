@@ -41,7 +41,7 @@ from shoal_operator.builders.deployment import (
     service_account,
 )
 from shoal_operator.builders.hpa import hpa
-from shoal_operator.kube import Kube
+from shoal_operator.clients.kube import Kube
 from shoal_testbed.cluster import LocalCluster
 
 REPO = Path(__file__).resolve().parents[1]

@@ -515,7 +515,7 @@ async def start_shoal(stack: contextlib.AsyncExitStack, tmp: Path) -> NatsSystem
     from shoal_operator.builders import jetstream
     from shoal_operator.builders.common import Owner
     from shoal_operator.builders.deployment import runtime_config
-    from shoal_operator.jetstream_admin import JetStreamAdmin
+    from shoal_operator.clients.jetstream import JetStreamAdmin
 
     main = REPO / "agent-runtime" / "shoal_runtime" / "__main__.py"
     if not main.exists():

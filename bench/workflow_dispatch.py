@@ -349,7 +349,7 @@ async def declare_agents(url: str) -> dict[str, str]:
     from shoal_operator.builders import jetstream
     from shoal_operator.builders.common import Owner
     from shoal_operator.builders.deployment import runtime_config
-    from shoal_operator.jetstream_admin import JetStreamAdmin
+    from shoal_operator.clients.jetstream import JetStreamAdmin
 
     spec = AgentSpec.model_validate({"handler": {"python": HANDLER}, "concurrency": CONCURRENCY})
     admin = await JetStreamAdmin.connect(url)

@@ -7,7 +7,7 @@ from typing import Any
 
 from shoal_api.agent import AgentSpec
 from shoal_operator.builders import jetstream
-from shoal_operator.jetstream_admin import JetStreamAdmin
+from shoal_operator.clients.jetstream import JetStreamAdmin
 
 
 async def declare_agent(

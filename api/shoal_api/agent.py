@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from decimal import Decimal
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from shoal_api.base import (
     LIST_SET,
@@ -281,6 +282,34 @@ class AgentSpec(ApiModel):
     """Optional incremental upgrade."""
 
 
+# Status figures mirrored from the runtimes' records in NATS KV. A record is written by
+# another program (an older or newer runtime, a buggy one); a figure outside what the
+# schema admits is shown as the nearest value it admits, decided here, once, so that one
+# bad record can never get the whole status write rejected by the API server.
+
+
+def _nearest_percent(value: object) -> object:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return min(100.0, max(0.0, float(value))) if math.isfinite(value) else 0.0
+    return value
+
+
+def _nearest_count(value: object) -> object:
+    return max(0, value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _nearest_amount(value: object) -> object:
+    return Decimal(0) if isinstance(value, Decimal) and not value > 0 else value
+
+
+MirroredPercent = Annotated[float, Field(ge=0, le=100), BeforeValidator(_nearest_percent)]
+"""A runtime's rate: not a finite number -> 0, outside 0-100 -> the nearer bound."""
+MirroredCount = Annotated[int, Field(ge=0), BeforeValidator(_nearest_count)]
+"""A runtime's count: negative -> 0."""
+MirroredMoney = Annotated[Money, BeforeValidator(_nearest_amount)]
+"""A runtime's amount: not positive -> 0."""
+
+
 class QueueStatus(ApiModel):
     """Work waiting for this Agent."""
 
@@ -297,7 +326,7 @@ class CircuitStatus(ApiModel):
     """Closed (calls flow), Open (calls stopped) or HalfOpen (probing)."""
     since: str = ""
     """When the circuit entered this state (RFC 3339)."""
-    failure_rate_percent: Annotated[float, Field(ge=0, le=100)] = 0.0
+    failure_rate_percent: MirroredPercent = 0.0
     """Failure rate over the current window."""
 
 
@@ -315,11 +344,11 @@ class CanaryStatus(ApiModel):
 class UsageStatus(ApiModel):
     """Usage over the last hour, across replicas."""
 
-    tasks_last_hour: Annotated[int, Field(ge=0)] = 0
+    tasks_last_hour: MirroredCount = 0
     """Tasks completed."""
-    tokens_last_hour: Annotated[int, Field(ge=0)] = 0
+    tokens_last_hour: MirroredCount = 0
     """LLM tokens used."""
-    cost_last_hour: Money | None = None
+    cost_last_hour: MirroredMoney | None = None
     """Cost as a decimal string."""
 
 

@@ -13,7 +13,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from shoal_api.base import GROUP, VERSION, ApiModel, Conditions, Name, cel, validations
+from shoal_api.base import (
+    GROUP,
+    VERSION,
+    ApiModel,
+    Conditions,
+    Name,
+    OptionalTime,
+    cel,
+    validations,
+)
 
 RUN_PATTERN = r"^[A-Za-z0-9_-]+$"
 POLICY_NAME = "shoal-approval-approver"
@@ -56,7 +65,7 @@ class ApprovalStatus(ApiModel):
     """Pending (not relayed yet), Applied (the run took it) or Ignored (see message)."""
     message: Annotated[str, Field(max_length=4096)] = ""
     """What the run said, in a sentence."""
-    applied_at: str = ""
+    applied_at: OptionalTime = None
     """When the operator relayed the decision to the run (RFC 3339)."""
 
 

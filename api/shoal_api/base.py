@@ -46,6 +46,25 @@ class ApiModel(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
+def _sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted(v) for v in value]
+    return value
+
+
+def status_patch(status: ApiModel) -> dict[str, Any]:
+    """The merge patch that writes ``status`` to the status subresource.
+
+    The one way a status model becomes bytes on the API server: camelCase, a field that
+    is None left out (a merge patch keeps what it does not name, which is how a status
+    says "no news, keep the last mirrored value"), keys sorted, so that computing the
+    same status twice gives equal patches and nothing is written twice.
+    """
+    return {"status": _sorted(status.to_wire())}
+
+
 def cel(
     rule: str,
     message: str | None = None,
@@ -118,6 +137,17 @@ IntOrString = Annotated[
 ]
 
 
+def unless_known(schema: dict[str, Any]) -> Any:
+    """A status field the operator writes only once it knows a value: None in the
+    model means "not known, keep what the status shows" (:func:`status_patch` leaves
+    it out), so the schema is the value's alone (a status never holds null)."""
+    return WithJsonSchema(schema)
+
+
+OptionalTime = Annotated[str | None, unless_known({"type": "string"})]
+"""An RFC 3339 time, written once known."""
+
+
 class Condition(ApiModel):
     """A status condition in the shape of metav1.Condition."""
 
@@ -139,6 +169,16 @@ Conditions = Annotated[
     tuple[Condition, ...],
     Field(json_schema_extra=list_map("type")),
 ]
+
+
+class ObjectStatus(ApiModel):
+    """The part every Shoal status shares: what an object whose spec cannot be parsed
+    still reports (its other status fields stay as they were)."""
+
+    observed_generation: Annotated[int, Field(ge=0)] = 0
+    """The .metadata.generation the operator last acted on."""
+    conditions: Conditions = ()
+    """Ready and Degraded (and the kind's own)."""
 
 
 class SecretKeyRef(ApiModel):

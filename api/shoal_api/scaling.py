@@ -6,7 +6,16 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from shoal_api.base import ApiModel, Conditions, JsonObject, Name, cel, validations
+from shoal_api.base import (
+    ApiModel,
+    Conditions,
+    JsonObject,
+    Name,
+    OptionalTime,
+    cel,
+    unless_known,
+    validations,
+)
 
 
 class TargetRef(ApiModel):
@@ -152,11 +161,13 @@ class ScalingPolicyStatus(ApiModel):
     """Replicas now."""
     desired_replicas: Annotated[int, Field(ge=0)] = 0
     """Replicas the autoscaler wants."""
-    last_scale_time: str = ""
+    last_scale_time: OptionalTime = None
     """When replicas last changed (RFC 3339)."""
     hpa_name: str = ""
     """Name of the HorizontalPodAutoscaler the operator owns."""
-    last_decision: Annotated[str, Field(max_length=1024)] = ""
+    last_decision: Annotated[
+        str | None, Field(max_length=1024), unless_known({"maxLength": 1024, "type": "string"})
+    ] = None
     """The last scaling decision and why, in words."""
 
 

@@ -13,6 +13,7 @@ from shoal_api.base import (
     Conditions,
     JsonObject,
     Name,
+    OptionalTime,
     cel,
     list_map,
     validations,
@@ -147,7 +148,7 @@ class WorkflowStatus(ApiModel):
     """Runs by outcome."""
     p95_duration_seconds: Annotated[float, Field(ge=0)] | None = None
     """95th percentile run duration."""
-    last_run_time: str = ""
+    last_run_time: OptionalTime = None
     """When the last run started (RFC 3339)."""
 
 

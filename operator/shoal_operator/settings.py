@@ -1,25 +1,13 @@
-"""Operator hygiene: names and the kopf settings every deployment of Shoal runs with."""
+"""The names the operator writes under, shared by everything that writes.
+
+Server-side apply attributes every field to a manager; the operator and the HPA
+handover must keep using the same names across releases, or an upgrade would leave
+fields owned by nobody. Kept free of imports so every layer may use them.
+"""
 
 from __future__ import annotations
-
-import logging
-
-import kopf
 
 FIELD_MANAGER = "shoal-operator"
 # Keeps Deployment replicas at their value while the HPA takes them over.
 HANDOVER_MANAGER = "shoal-handover"
 FINALIZER = "shoal.dev/cleanup"
-
-
-def configure(settings: kopf.OperatorSettings) -> None:
-    # Watches can stall silently: bound them on both sides so the stream is re-opened,
-    # and re-list when a stream has been silent for longer than the server timeout.
-    settings.watching.server_timeout = 300
-    settings.watching.client_timeout = 330
-    settings.watching.connect_timeout = 10
-    settings.watching.inactivity_timeout = 600
-    settings.networking.request_timeout = 30
-    # An Event per INFO log line floods the API server; the controller posts the
-    # Events that matter (transitions) itself.
-    settings.posting.level = logging.WARNING

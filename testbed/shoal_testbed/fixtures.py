@@ -270,7 +270,7 @@ def operator(testbed: Testbed, crds: list[str], namespace: str) -> Iterator[Any]
     """
     from kopf.testing import KopfRunner
 
-    args = ["run", "--standalone", "--namespace", namespace, "-m", "shoal_operator.handlers"]
+    args = ["run", "--standalone", "--namespace", namespace, "-m", "shoal_operator.kopf_module"]
     os.environ["SHOAL_OPERATOR_NAMESPACE"] = namespace
     os.environ["SHOAL_REGISTER_APISERVICE"] = "local"
     try:

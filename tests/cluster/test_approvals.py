@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from shoal_api.runs.model import ApprovalDecided
-from shoal_operator.controller import Controller
+from shoal_operator.kinds.approval import ApprovalRelay
 from shoal_operator.runs import DecideOutcome
+from shoal_operator.supervision import RunSupervisor
 from shoal_testbed.fixtures import Testbed, eventually
 from tests.helpers import REPO, agent, is_ready
 
@@ -209,24 +210,26 @@ class FakeGate:
 
 
 @pytest.fixture
-def relay(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Controller:
+def relay(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> ApprovalRelay:
     """The in-process operator, leading, with no run dispatcher of its own (it would take
-    the controller's run gate): the test plugs in a fake."""
+    the relay's run gate): the test plugs in a fake."""
 
-    async def no_dispatcher(self: Controller, *args: Any, **kwargs: Any) -> None:
+    async def no_dispatcher(self: RunSupervisor, *args: Any, **kwargs: Any) -> None:
         await asyncio.Event().wait()
 
-    monkeypatch.setattr(Controller, "run_dispatcher", no_dispatcher, raising=False)
+    monkeypatch.setattr(RunSupervisor, "run", no_dispatcher)
     request.getfixturevalue("operator")
-    from shoal_operator.handlers import STATE
+    from shoal_operator.kopf_module import OPERATOR
 
-    ctl: Controller = eventually(lambda: STATE.get("controller"), 30, what="the controller")
+    ctl: ApprovalRelay = eventually(
+        lambda: OPERATOR.running.relay if OPERATOR.running else None, 30, what="the relay"
+    )
     eventually(lambda: ctl.leader is None or ctl.leader.is_leader(), 30, what="leading")
     return ctl
 
 
 def test_the_operator_relays_approvals_to_their_runs(
-    testbed: Testbed, approver_roles: None, namespace: str, relay: Controller
+    testbed: Testbed, approver_roles: None, namespace: str, relay: ApprovalRelay
 ) -> None:
     me = whoami(testbed)
     testbed.apply(approval("early", me, run="r-known"), namespace)

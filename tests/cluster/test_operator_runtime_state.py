@@ -15,7 +15,7 @@ import pytest
 
 from shoal_api import nats_layout as nl
 from shoal_api.runtime_state import CircuitRecord, HourUsage, StateModel, UsageRecord
-from shoal_operator.jetstream_admin import JetStreamAdmin
+from shoal_operator.clients.jetstream import JetStreamAdmin
 from shoal_testbed.fixtures import NatsServer, Testbed, eventually
 from tests.helpers import agent
 
@@ -222,7 +222,7 @@ def test_records_read_missing_and_malformed_as_none(
         finally:
             await admin.close()
 
-    with caplog.at_level("WARNING", logger="shoal_operator.jetstream_admin"):
+    with caplog.at_level("WARNING", logger="shoal_operator.clients.jetstream"):
         asyncio.run(scenario())
     malformed = [r for r in caplog.records if "malformed" in r.getMessage()]
     assert len(malformed) == 2  # once per record, not once per read

@@ -13,7 +13,7 @@ import pytest
 from shoal_api import nats_layout as nl
 from shoal_api.agent import AgentSpec
 from shoal_operator.builders import jetstream
-from shoal_operator.jetstream_admin import JetStreamAdmin, queue_counts
+from shoal_operator.clients.jetstream import JetStreamAdmin, queue_counts
 from shoal_testbed.fixtures import NatsServer
 from tests.runtime.support import NS, connect, declare, lines, running, submit, until
 

@@ -20,14 +20,15 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from shoal_api import approval
-from shoal_api.approval import ApprovalSpec
+from shoal_api.approval import ApprovalSpec, ApprovalStatus
+from shoal_api.base import status_patch
 from shoal_api.crd import KINDS, custom_resource_definition, policy_file, render_policy
 from shoal_api.runs.model import ApprovalDecided
+from shoal_api.timestamps import unix_time
 from shoal_cli import kubeapi
 from shoal_cli.approvals import approval_name
-from shoal_operator import controller as ctl_mod
-from shoal_operator.builders.deployment import RuntimeDefaults
-from shoal_operator.kube import Kube
+from shoal_operator.clients.kube import Kube
+from shoal_operator.kinds.approval import ApprovalRelay
 from shoal_operator.reconcilers import approval as approval_rec
 from shoal_operator.runs import DecideOutcome
 from shoal_testbed import pki
@@ -192,13 +193,14 @@ def test_decision_event_is_the_admitted_decision() -> None:
 
 
 def test_unix_time() -> None:
-    assert approval_rec.unix_time("1970-01-01T00:01:00Z") == 60.0
-    assert approval_rec.unix_time("1970-01-01T00:01:00") == 60.0
+    assert unix_time("1970-01-01T00:01:00Z") == 60.0
+    assert unix_time("1970-01-01T00:01:00") == 60.0
 
 
 def test_status_applied_and_ignored() -> None:
     spec = ApprovalSpec.model_validate(SPEC)
-    status, events = approval_rec.status(1, spec, "Applied", "ok then", {}, "t1")
+    applied, events = approval_rec.status(1, spec, "Applied", "ok then", ApprovalStatus(), "t1")
+    status = status_patch(applied)["status"]
     assert status["phase"] == "Applied"
     assert status["appliedAt"] == "t1"
     assert status["observedGeneration"] == 1
@@ -207,12 +209,14 @@ def test_status_applied_and_ignored() -> None:
     assert [(e.type, e.reason) for e in events] == [("Normal", "Applied")]
     assert "Approve of step answer in run 7f3a by jane@example.com" in events[0].message
 
-    pending = approval_rec.waiting_status(1, {}, "t0")
-    assert pending["phase"] == "Pending"
+    pending = approval_rec.waiting_status(1, ApprovalStatus(), "t0")
+    assert status_patch(pending)["status"]["phase"] == "Pending"
+    assert "appliedAt" not in status_patch(pending)["status"]
     assert not approval_rec.relayed(pending)
-    status, events = approval_rec.status(1, spec, "RunNotFound", "no run 7f3a", pending, "t2")
+    ignored, events = approval_rec.status(1, spec, "RunNotFound", "no run 7f3a", pending, "t2")
+    status = status_patch(ignored)["status"]
     assert status["phase"] == "Ignored"
-    assert approval_rec.relayed(status)
+    assert approval_rec.relayed(ignored)
     (cond,) = status["conditions"]
     assert (cond["status"], cond["reason"], cond["message"]) == (
         "False",
@@ -295,12 +299,8 @@ class ApprovalKube:
         self.events.append((regarding["metadata"]["name"], type_, reason))
 
 
-def relay_controller(kube: ApprovalKube) -> ctl_mod.Controller:
-    ctl = ctl_mod.Controller(
-        cast(Kube, kube), ctl_mod.ControllerConfig(runtime=RuntimeDefaults("img", "nats://x"))
-    )
-    ctl.clock = lambda: "2026-01-05T07:00:05Z"
-    return ctl
+def relay_controller(kube: ApprovalKube) -> ApprovalRelay:
+    return ApprovalRelay(cast(Kube, kube), clock=lambda: "2026-01-05T07:00:05Z")
 
 
 def test_relay_waits_for_a_gate_then_applies_once() -> None:
@@ -310,7 +310,7 @@ def test_relay_waits_for_a_gate_then_applies_once() -> None:
         body = kube.add("a1")
         await ctl.on_approval(NS, "a1", body)
         assert kube.objects["a1"]["status"]["phase"] == "Pending"
-        assert ("support", "a1") in ctl._approvals_waiting
+        assert ("support", "a1") in ctl._waiting
         # The watch delivers our own write; still no gate: nothing more is written.
         await ctl.on_approval(NS, "a1", await kube.get("Approval", NS, "a1"))
         assert len(kube.patches) == 1
@@ -333,7 +333,7 @@ def test_relay_waits_for_a_gate_then_applies_once() -> None:
         assert status["appliedAt"] == "2026-01-05T07:00:05Z"
         assert status["message"] == "Approve of step answer by jane@example.com"
         assert kube.events == [("a1", "Normal", "Applied")]
-        assert not ctl._approvals_waiting
+        assert not ctl._waiting
         # Watch events after the outcome (our write, a label change) never decide again.
         await ctl.on_approval(NS, "a1", await kube.get("Approval", NS, "a1"))
         assert len(gate.calls) == 1
@@ -364,7 +364,7 @@ def test_relay_retries_when_the_gate_fails_and_never_decides_twice() -> None:
         body = kube.add("a3")
         await ctl.on_approval(NS, "a3", body)
         assert kube.patches == []
-        assert (NS, "a3") in ctl._approvals_waiting
+        assert (NS, "a3") in ctl._waiting
         # The status write fails after the run took the decision: the outcome is kept.
         kube.fail_next = 500
         await ctl.on_approval(NS, "a3", body)
@@ -427,9 +427,9 @@ def test_standby_neither_decides_nor_writes() -> None:
         await ctl.on_approval(NS, "a6", kube.add("a6"))
         assert gate.calls == []
         assert kube.patches == []
-        assert (NS, "a6") in ctl._approvals_waiting
+        assert (NS, "a6") in ctl._waiting
         await ctl.on_approval(NS, "a6", None)  # deleted
-        assert not ctl._approvals_waiting
+        assert not ctl._waiting
 
     asyncio.run(scenario())
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from shoal_api.base import Condition
+from shoal_operator.status_conditions import Cond, EventSpec, merge_conditions, transition_events
 
-from shoal_operator.conditions import Cond, EventSpec, merge_conditions, transition_events
 
-
-def conds(*desired: Cond) -> list[dict[str, Any]]:
+def conds(*desired: Cond) -> tuple[Condition, ...]:
     return merge_conditions(None, desired, 1, "t")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shoal_operator.health import HEARTBEAT_LABEL, Heartbeat
+from shoal_operator.clients.health import HEARTBEAT_LABEL, Heartbeat
 
 
 def test_healthy_while_heartbeats_arrive() -> None:

@@ -18,8 +18,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography import x509
 
+from shoal_api.base import status_patch
 from shoal_api.runtime_state import PodStats
-from shoal_api.scaling import ScalingPolicySpec
+from shoal_api.scaling import ScalingPolicySpec, ScalingPolicyStatus
 from shoal_operator.builders import apiservice as reg
 from shoal_operator.builders.common import Owner
 from shoal_operator.reconcilers import scaling as scaling_rec
@@ -618,8 +619,8 @@ def policy_conditions(metrics: reg.MetricsProvider | None) -> dict[str, dict[str
     spec = ScalingPolicySpec.model_validate({"targetRef": {"name": "triage"}, "maxReplicas": 3})
     observed = scaling_rec.PolicyObserved(frozenset({"triage"}), "triage", None, metrics=metrics)
     plan = scaling_rec.plan(owner, spec, observed)
-    status, _ = scaling_rec.status(1, owner, observed, plan, [], {}, "t0")
-    return {c["type"]: c for c in status["conditions"]}
+    status, _ = scaling_rec.status(1, owner, observed, plan, [], ScalingPolicyStatus(), "t0")
+    return {c["type"]: c for c in status_patch(status)["status"]["conditions"]}
 
 
 def test_policies_say_who_serves_the_metrics() -> None:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from nats.aio.msg import Msg
 
 from shoal_api import nats_layout as nl
-from shoal_operator.jetstream_admin import combined, queue_counts
+from shoal_operator.clients.jetstream import combined, queue_counts
 from shoal_runtime.stream import MAX_BYTES_EXCEEDED, Puller, Shares
 
 WEIGHTS = [b.weight for b in nl.BANDS]

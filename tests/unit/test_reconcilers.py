@@ -1,5 +1,7 @@
 """The pure reconcilers: plan() and status() of Agent, ScalingPolicy and Workflow; and
-how the controller feeds them the runtimes' state (queueing, its own status writes)."""
+how the operator feeds them the runtimes' state (queueing, its own status writes).
+
+Statuses are checked as the API server gets them: serialized by ``status_patch``."""
 
 from __future__ import annotations
 
@@ -12,20 +14,25 @@ from typing import Any, cast
 import pytest
 import yaml
 
-from shoal_api.agent import AgentSpec
+from shoal_api.agent import AgentSpec, AgentStatus
+from shoal_api.base import ApiModel, Condition, status_patch
 from shoal_api.runtime_state import CircuitRecord, HourUsage, UsageRecord
-from shoal_api.scaling import ScalingPolicySpec
-from shoal_api.workflow import WorkflowSpec
-from shoal_operator import controller as ctl_mod
+from shoal_api.scaling import ScalingPolicySpec, ScalingPolicyStatus
+from shoal_api.workflow import WorkflowSpec, WorkflowStatus
+from shoal_operator import writer as writer_mod
 from shoal_operator.builders.common import Owner
 from shoal_operator.builders.deployment import RuntimeDefaults
-from shoal_operator.conditions import EventSpec, find
-from shoal_operator.kube import Kube
+from shoal_operator.cache import Cache, Index, Indexes, Key
+from shoal_operator.clients.kube import Kube
+from shoal_operator.kinds.scaling import PolicyIO
 from shoal_operator.reconcilers import agent as agent_rec
 from shoal_operator.reconcilers import scaling as scaling_rec
 from shoal_operator.reconcilers import workflow as workflow_rec
 from shoal_operator.reconcilers.common import Problem, owned_by_manager, rollout
 from shoal_operator.settings import FIELD_MANAGER, HANDOVER_MANAGER
+from shoal_operator.status_conditions import EventSpec
+from shoal_operator.triggers import Triggers
+from shoal_operator.workqueue import WorkQueue
 
 NS = "team-a"
 AGENT = Owner("Agent", NS, "triage", "uid-agent")
@@ -100,9 +107,29 @@ def observed(
 
 
 def cond(status: dict[str, Any], type_: str) -> dict[str, Any]:
-    found = find(status["conditions"], type_)
+    found = next((c for c in status["conditions"] if c["type"] == type_), None)
     assert found is not None, type_
     return dict(found)
+
+
+def wire(status: ApiModel) -> dict[str, Any]:
+    """A status as the status patch carries it."""
+    out: dict[str, Any] = status_patch(status)["status"]
+    return out
+
+
+def test_wire_conditions_are_complete_metav1_conditions() -> None:
+    status, _ = agent_status()
+    for c in status["conditions"]:
+        assert Condition.model_validate(c).to_wire() == c
+        assert set(c) == {
+            "type",
+            "status",
+            "reason",
+            "message",
+            "observedGeneration",
+            "lastTransitionTime",
+        }
 
 
 # -- common --------------------------------------------------------------------------
@@ -245,16 +272,17 @@ def agent_status(
     now: str = "t1",
     unix_now: float = 0.0,
 ) -> tuple[dict[str, Any], list[EventSpec]]:
-    return agent_rec.status(
+    status, events = agent_rec.status(
         generation,
         NS,
         spec or agent_spec(),
         obs or observed(deployment()),
         outcome or agent_rec.AgentOutcome(),
-        current or {},
+        AgentStatus.model_validate(current or {}),
         now,
         unix_now=unix_now,
     )
+    return wire(status), events
 
 
 def test_missing_fallback_makes_the_agent_not_ready() -> None:
@@ -590,7 +618,9 @@ def policy_status(
     now: str = "t1",
 ) -> tuple[dict[str, Any], list[EventSpec]]:
     plan = scaling_rec.plan(POLICY, policy_spec(), obs)
-    return scaling_rec.status(4, POLICY, obs, plan, extra or [], current or {}, now)
+    current_status = ScalingPolicyStatus.model_validate(current or {})
+    status, events = scaling_rec.status(4, POLICY, obs, plan, extra or [], current_status, now)
+    return wire(status), events
 
 
 def test_policy_status_target_not_found() -> None:
@@ -784,9 +814,22 @@ def test_problems_are_collected_per_step_in_order() -> None:
     assert reasons(problems) == ["AgentNotFound", "NoAgentWithCapability"]
 
 
+def workflow_status(
+    spec: WorkflowSpec,
+    current: dict[str, Any],
+    now: str,
+    generation: int = 1,
+    runs: workflow_rec.RunSummary | None = None,
+) -> tuple[dict[str, Any], list[EventSpec]]:
+    status, events = workflow_rec.status(
+        generation, NS, spec, ALL_AGENTS, WorkflowStatus.model_validate(current), now, runs
+    )
+    return wire(status), events
+
+
 def test_workflow_status_valid() -> None:
     spec = workflow_spec({"name": "a", "agent": "auth"}, {"name": "b", "agent": "auth"})
-    status, events = workflow_rec.status(2, NS, spec, ALL_AGENTS, {}, "t1")
+    status, events = workflow_status(spec, {}, "t1", generation=2)
     ready = cond(status, "Ready")
     assert (ready["status"], ready["reason"]) == ("True", "Valid")
     assert status["stepCount"] == 2
@@ -797,13 +840,28 @@ def test_workflow_status_valid() -> None:
 def test_workflow_status_keeps_run_counts_and_is_quiet_when_unchanged() -> None:
     spec = workflow_spec({"name": "a", "agent": "ghost"})
     current = {"runs": {"active": 1, "succeeded": 2, "failed": 0}}
-    first, events = workflow_rec.status(1, NS, spec, ALL_AGENTS, current, "t1")
+    first, events = workflow_status(spec, current, "t1")
     assert first["runs"] == current["runs"]
     assert cond(first, "Ready")["reason"] == "AgentNotFound"
     assert [(e.type, e.reason) for e in events] == [("Warning", "AgentNotFound")]
-    second, events = workflow_rec.status(1, NS, spec, ALL_AGENTS, first, "t2")
+    second, events = workflow_status(spec, first, "t2")
     assert events == []
     assert second == first
+
+
+def test_workflow_status_mirrors_the_dispatchers_figures() -> None:
+    spec = workflow_spec({"name": "a", "agent": "auth"})
+    runs = workflow_rec.RunSummary(3, 4, 1, p95_seconds=1.23456, last_run=1_700_000_000.5)
+    status, _ = workflow_status(spec, {}, "t1", runs=runs)
+    assert status["runs"] == {"active": 3, "succeeded": 4, "failed": 1}
+    assert status["p95DurationSeconds"] == 1.235
+    assert status["lastRunTime"] == "2023-11-14T22:13:20Z"
+    # Not known yet: left out, so a merge patch keeps what the status shows.
+    status, _ = workflow_status(
+        spec, {"p95DurationSeconds": 2.0}, "t1", runs=workflow_rec.RunSummary(0, 0, 0)
+    )
+    assert status["p95DurationSeconds"] == 2.0
+    assert "lastRunTime" not in status
 
 
 def test_unknown_depends_on_is_named() -> None:
@@ -831,40 +889,47 @@ class RecordingKube:
         self.events.append(reason)
 
 
-def controller(kube: RecordingKube | None = None) -> ctl_mod.Controller:
-    return ctl_mod.Controller(
-        cast(Kube, kube or RecordingKube()), ctl_mod.ControllerConfig(runtime=DEFAULTS)
-    )
+class Parts:
+    """The operator's queue, cache, writer and triggers, wired as the app wires them."""
+
+    def __init__(self, kube: RecordingKube | None = None) -> None:
+        self.queue: WorkQueue[Key] = WorkQueue()
+        self.cache = Cache()
+        self.writer = writer_mod.Writer(
+            cast(Kube, kube or RecordingKube()), lambda key, delay: self.queue.add_after(key, delay)
+        )
+        policies = PolicyIO(self.cache, self.writer, lambda namespace, name: None)
+        self.triggers = Triggers(self.queue, self.cache, self.writer, policies)
 
 
 def test_circuit_writes_go_before_the_replay() -> None:
     async def scenario() -> None:
-        ctl = controller()
-        ctl.on_circuit(NS, "replayed", replay=True)
-        ctl.on_circuit(NS, "opened", replay=False)
-        assert await ctl.queue.get() == ("Agent", NS, "opened")
-        assert await ctl.queue.get() == ("Agent", NS, "replayed")
+        ops = Parts()
+        ops.triggers.on_circuit(NS, "replayed", replay=True)
+        ops.triggers.on_circuit(NS, "opened", replay=False)
+        assert await ops.queue.get() == ("Agent", NS, "opened")
+        assert await ops.queue.get() == ("Agent", NS, "replayed")
 
     asyncio.run(scenario())
 
 
 def test_usage_writes_wait_for_the_end_of_the_throttle(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ctl_mod, "STATUS_THROTTLE_SECONDS", 0.2)
+    monkeypatch.setattr(writer_mod, "STATUS_THROTTLE_SECONDS", 0.2)
 
     async def scenario() -> None:
-        ctl = controller()
+        ops = Parts()
         key = ("Agent", NS, "busy")
-        ctl.on_usage(NS, "busy", replay=False)
-        assert await asyncio.wait_for(ctl.queue.get(), 1) == key  # nothing written lately
-        ctl.queue.done(key)
-        ctl._status_written[key] = time.monotonic()
+        ops.triggers.on_usage(NS, "busy", replay=False)
+        assert await asyncio.wait_for(ops.queue.get(), 1) == key  # nothing written lately
+        ops.queue.done(key)
+        ops.writer._status_written[key] = time.monotonic()
         for _ in range(5):
-            ctl.on_usage(NS, "busy", replay=False)
-        assert len(ctl.queue) == 0
-        assert await asyncio.wait_for(ctl.queue.get(), 1) == key
-        ctl.queue.done(key)
-        assert len(ctl.queue) == 0  # five merges, one reconcile
-        ctl.queue.close()
+            ops.triggers.on_usage(NS, "busy", replay=False)
+        assert len(ops.queue) == 0
+        assert await asyncio.wait_for(ops.queue.get(), 1) == key
+        ops.queue.done(key)
+        assert len(ops.queue) == 0  # five merges, one reconcile
+        ops.queue.close()
 
     asyncio.run(scenario())
 
@@ -877,18 +942,18 @@ def test_state_of_agents_not_watched_is_ignored() -> None:
         def __iter__(self) -> Any:
             return iter([(NS, "mine")])
 
-    ctl = controller()
-    ctl.indexes = ctl_mod.Indexes(*(cast(ctl_mod.Index, Agents()) for _ in range(9)))
-    ctl.on_circuit("elsewhere", "theirs", replay=False)
-    ctl.on_usage("elsewhere", "theirs", replay=False)
-    assert len(ctl.queue) == 0
-    ctl.on_circuit(NS, "mine", replay=False)
-    assert len(ctl.queue) == 1
+    ops = Parts()
+    ops.cache.indexes = Indexes(*(cast(Index, Agents()) for _ in range(9)))
+    ops.triggers.on_circuit("elsewhere", "theirs", replay=False)
+    ops.triggers.on_usage("elsewhere", "theirs", replay=False)
+    assert len(ops.queue) == 0
+    ops.triggers.on_circuit(NS, "mine", replay=False)
+    assert len(ops.queue) == 1
 
 
 def test_a_reconcile_before_the_cache_catches_up_sees_its_own_write() -> None:
     kube = RecordingKube()
-    ctl = controller(kube)
+    ops = Parts(kube)
     body: dict[str, Any] = {
         "apiVersion": "shoal.dev/v1alpha1",
         "kind": "Agent",
@@ -896,22 +961,23 @@ def test_a_reconcile_before_the_cache_catches_up_sees_its_own_write() -> None:
         "status": {"circuit": {"state": "Closed", "since": "", "failureRatePercent": 0}},
     }
     record = circuit("Open", rate=90)
-    opened = {"circuit": agent_rec.circuit_status(record)}
+    opened = AgentStatus(circuit=agent_rec.circuit_status(record))
     events = [EventSpec("Warning", "CircuitOpened", "circuit opened")]
-    asyncio.run(ctl._write_status("Agent", body, opened, events))
+    asyncio.run(ops.writer.write_status("Agent", body, opened, events))
     assert (len(kube.patches), kube.events) == (1, ["CircuitOpened"])
 
     # A KV update reconciles again while the cache still holds resourceVersion 7.
-    assert ctl._current_status("Agent", body)["circuit"]["state"] == "Open"
+    assert ops.writer.current_status("Agent", body)["circuit"]["state"] == "Open"
     _, events = agent_status(
-        obs=observed(deployment(), circuit=record), current=ctl._current_status("Agent", body)
+        obs=observed(deployment(), circuit=record),
+        current=ops.writer.current_status("Agent", body),
     )
     assert circuit_events(events) == []
 
     # Once the cache has moved on, it is the truth again.
     body["metadata"]["resourceVersion"] = "8"
     body["status"] = {"circuit": {"state": "HalfOpen", "since": "t", "failureRatePercent": 0}}
-    assert ctl._current_status("Agent", body)["circuit"]["state"] == "HalfOpen"
+    assert ops.writer.current_status("Agent", body)["circuit"]["state"] == "HalfOpen"
 
 
 def test_an_unreadable_schedule_window_degrades_the_policy_but_keeps_the_hpa() -> None:

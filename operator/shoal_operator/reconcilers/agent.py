@@ -3,21 +3,20 @@ from the runtimes' shared state (circuit breaker, usage)."""
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
-from shoal_api.agent import AgentSpec
+from shoal_api.agent import AgentSpec, AgentStatus, CircuitStatus, QueueStatus, UsageStatus
 from shoal_api.json_schema import schema_error
 from shoal_api.runtime_state import CircuitRecord, UsageRecord
+from shoal_api.timestamps import rfc3339
 from shoal_operator.builders import deployment as dep
 from shoal_operator.builders import jetstream
 from shoal_operator.builders.common import Owner
-from shoal_operator.conditions import Cond, EventSpec, merge_conditions, transition_events
 from shoal_operator.reconcilers.common import Problem, owned_by_manager, rollout
+from shoal_operator.status_conditions import Cond, EventSpec, merge_conditions, transition_events
 
 
 @dataclass(frozen=True)
@@ -130,11 +129,11 @@ def status(
     spec: AgentSpec,
     observed: AgentObserved,
     outcome: AgentOutcome,
-    current: Mapping[str, Any],
+    current: AgentStatus,
     now: str,
     *,
     unix_now: float,
-) -> tuple[dict[str, Any], list[EventSpec]]:
+) -> tuple[AgentStatus, list[EventSpec]]:
     """``now`` stamps conditions; ``unix_now`` ends the usage window."""
     problems = references(namespace, spec, observed.agents) + outcome.problems
     roll = rollout(observed.deployment)
@@ -157,93 +156,82 @@ def status(
         if roll.complete
         else Cond("Progressing", "True", "RollingOut", roll.message)
     )
-    conditions = merge_conditions(current.get("conditions"), conds, generation, now)
-    new: dict[str, Any] = {
-        "observedGeneration": generation,
-        "conditions": conditions,
-        "replicas": roll.replicas,
-        "readyReplicas": roll.ready,
-    }
+    conditions = merge_conditions(current.conditions, conds, generation, now)
+    queue = current.queue
     if outcome.pending is not None and outcome.in_flight is not None:
-        new["queue"] = {"pending": outcome.pending, "inFlight": outcome.in_flight}
-    elif "queue" in current:
-        new["queue"] = current["queue"]
-    events = transition_events(current.get("conditions"), conditions)
+        queue = QueueStatus(pending=outcome.pending, in_flight=outcome.in_flight)
+    events = transition_events(current.conditions, conditions)
     # The circuit is not a condition: while it is open a fallback may be serving, so
     # Ready stays about the Deployment and Degraded about the configuration.
+    circuit = current.circuit
     if observed.circuit is not None:
-        new["circuit"] = circuit_status(observed.circuit)
-        events += circuit_events(current.get("circuit"), new["circuit"], observed.circuit)
-    elif "circuit" in current:
-        new["circuit"] = current["circuit"]
-    elif spec.circuit_breaker is not None:
+        circuit = circuit_status(observed.circuit)
+        events += circuit_events(current.circuit, circuit, observed.circuit)
+    elif circuit is None and spec.circuit_breaker is not None:
         # No runtime has moved the circuit yet: it is closed (and the column says so).
-        new["circuit"] = circuit_status(CircuitRecord())
+        circuit = circuit_status(CircuitRecord())
+    usage = current.usage
     if observed.usage is not None:
-        new["usage"] = usage_status(observed.usage, unix_now)
-    elif "usage" in current:
-        new["usage"] = current["usage"]
+        usage = usage_status(observed.usage, unix_now)
+    new = AgentStatus(
+        observed_generation=generation,
+        conditions=conditions,
+        replicas=roll.replicas,
+        ready_replicas=roll.ready,
+        queue=queue,
+        circuit=circuit,
+        usage=usage,
+    )
     return new, events
 
 
-def rfc3339(unix: float) -> str:
-    """A Unix time as RFC 3339 UTC to the second ("" when it is no plausible time)."""
-    if not math.isfinite(unix) or not 0 < unix < MAX_UNIX_TIME:
-        return ""
-    return dt.datetime.fromtimestamp(unix, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-MAX_UNIX_TIME = 253_402_300_800  # year 10000: beyond it datetime cannot format
+MAX_UNIX_TIME = 253_402_300_800  # year 10000: beyond it no RFC 3339 time exists
 # The sliding hour advances in whole minutes: a reconcile caused by our own status
 # write then computes the same usage, instead of a slightly decayed value that asks for
 # yet another write (a loop for every Agent with traffic in the previous hour).
 USAGE_STEP_SECONDS = 60
 
 
-def _percent(value: float) -> float:
-    """Within the schema's 0-100, so a bad record cannot get the status write rejected."""
-    return round(min(100.0, max(0.0, value)), 1) if math.isfinite(value) else 0.0
+def _since(unix: float) -> str:
+    """When a runtime says the circuit moved; "" (unknown) for a value that is no
+    plausible time (a record written by a runtime with a broken clock)."""
+    return rfc3339(unix) if math.isfinite(unix) and 0 < unix < MAX_UNIX_TIME else ""
 
 
-def circuit_status(record: CircuitRecord) -> dict[str, Any]:
-    # Every key always present: a merge patch keeps a key that is merely left out.
-    return {
-        "state": record.state,
-        "since": rfc3339(record.since),
-        "failureRatePercent": _percent(record.failure_rate_percent),
-    }
+def circuit_status(record: CircuitRecord) -> CircuitStatus:
+    # Every field always set: a merge patch keeps a key that is merely left out.
+    return CircuitStatus(
+        state=record.state,
+        since=_since(record.since),
+        failure_rate_percent=round(record.failure_rate_percent, 1),
+    )
 
 
 def circuit_events(
-    before: Mapping[str, Any] | None, after: Mapping[str, Any], record: CircuitRecord
+    before: CircuitStatus | None, after: CircuitStatus, record: CircuitRecord
 ) -> list[EventSpec]:
     """One Event per transition the status did not show yet. A changed ``since`` with the
     same state is a transition too: the circuit left and came back between two reads
     (it re-opened after a failed probe, say)."""
-    if before is not None and (before.get("state"), before.get("since")) == (
-        after["state"],
-        after["since"],
-    ):
+    if before is not None and (before.state, before.since) == (after.state, after.since):
         return []
     reason = f": {record.reason}" if record.reason else ""
-    if after["state"] == "Open":
-        rate = f"{after['failureRatePercent']:g}"
+    if after.state == "Open":
+        rate = f"{after.failure_rate_percent:g}"
         return [
             EventSpec("Warning", "CircuitOpened", f"circuit opened at {rate}% failures{reason}")
         ]
-    if after["state"] == "HalfOpen":
+    if after.state == "HalfOpen":
         return [EventSpec("Normal", "CircuitHalfOpen", f"circuit half-open, probing{reason}")]
     if before is None:
         return []  # a circuit first seen closed is how every Agent starts, not news
     return [EventSpec("Normal", "CircuitClosed", f"circuit closed, calls flow again{reason}")]
 
 
-def usage_status(record: UsageRecord, unix_now: float) -> dict[str, Any]:
+def usage_status(record: UsageRecord, unix_now: float) -> UsageStatus:
     """Usage over the sliding last hour. ``costLastHour`` is always written (``"0"``
     without pricing): one shape, because a merge patch cannot drop a key left out."""
     hour = record.last_hour(unix_now - unix_now % USAGE_STEP_SECONDS)
-    return {
-        "tasksLastHour": max(0, hour.tasks),
-        "tokensLastHour": max(0, hour.tokens),
-        "costLastHour": format(hour.cost if hour.cost > 0 else Decimal(0), "f"),
-    }
+    return UsageStatus(
+        tasks_last_hour=hour.tasks, tokens_last_hour=hour.tokens, cost_last_hour=hour.cost
+    )

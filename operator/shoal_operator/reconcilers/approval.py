@@ -3,13 +3,12 @@ with it. An Approval is relayed once: a status with a final phase is never revis
 
 from __future__ import annotations
 
-import datetime as dt
-from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
-from shoal_api.approval import ApprovalSpec
+from shoal_api.approval import ApprovalSpec, ApprovalStatus
 from shoal_api.runs.model import ApprovalDecided
-from shoal_operator.conditions import Cond, EventSpec, merge_conditions
+from shoal_api.timestamps import unix_time
+from shoal_operator.status_conditions import Cond, EventSpec, merge_conditions
 
 Outcome = Literal["Applied", "NotWaiting", "RunNotFound", "InvalidSpec"]
 """What the run gate answered, or InvalidSpec when the object never reached it."""
@@ -20,16 +19,8 @@ WAITING_REASON = "DispatcherNotRunning"
 WAITING_MESSAGE = "waiting for the workflow run dispatcher; relayed as soon as it runs"
 
 
-def relayed(status: Mapping[str, Any] | None) -> bool:
-    return (status or {}).get("phase") in FINAL_PHASES
-
-
-def unix_time(rfc3339: str) -> float:
-    """metav1.Time (``2026-01-05T07:00:00Z``) as Unix time."""
-    at = dt.datetime.fromisoformat(rfc3339)
-    if at.tzinfo is None:
-        at = at.replace(tzinfo=dt.UTC)
-    return at.timestamp()
+def relayed(status: ApprovalStatus | None) -> bool:
+    return status is not None and status.phase in FINAL_PHASES
 
 
 def decision_event(spec: ApprovalSpec, created: str) -> ApprovalDecided:
@@ -45,20 +36,20 @@ def decision_event(spec: ApprovalSpec, created: str) -> ApprovalDecided:
     )
 
 
-def waiting_status(generation: int, current: Mapping[str, Any], now: str) -> dict[str, Any]:
+def waiting_status(generation: int, current: ApprovalStatus, now: str) -> ApprovalStatus:
     """Pending, while nobody can take the decision yet."""
     conds = merge_conditions(
-        current.get("conditions"),
+        current.conditions,
         [Cond(CONDITION, "Unknown", WAITING_REASON, WAITING_MESSAGE)],
         generation,
         now,
     )
-    return {
-        "observedGeneration": generation,
-        "conditions": conds,
-        "phase": "Pending",
-        "message": WAITING_MESSAGE,
-    }
+    return ApprovalStatus(
+        observed_generation=generation,
+        conditions=conds,
+        phase="Pending",
+        message=WAITING_MESSAGE,
+    )
 
 
 def status(
@@ -66,24 +57,24 @@ def status(
     spec: ApprovalSpec | None,
     outcome: Outcome,
     message: str,
-    current: Mapping[str, Any],
+    current: ApprovalStatus,
     now: str,
-) -> tuple[dict[str, Any], list[EventSpec]]:
+) -> tuple[ApprovalStatus, list[EventSpec]]:
     """The final status after relaying, and the Event that tells the story."""
     applied = outcome == "Applied"
     conds = merge_conditions(
-        current.get("conditions"),
+        current.conditions,
         [Cond(CONDITION, "True" if applied else "False", outcome, message)],
         generation,
         now,
     )
-    out = {
-        "observedGeneration": generation,
-        "conditions": conds,
-        "phase": "Applied" if applied else "Ignored",
-        "message": message,
-        "appliedAt": now,
-    }
+    out = ApprovalStatus(
+        observed_generation=generation,
+        conditions=conds,
+        phase="Applied" if applied else "Ignored",
+        message=message,
+        applied_at=now,
+    )
     what = (
         f"{spec.decision} of step {spec.step} in run {spec.run} by {spec.approver}"
         if spec is not None

@@ -6,14 +6,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from shoal_api.scaling import ScalingPolicySpec
+from shoal_api.scaling import ScalingPolicySpec, ScalingPolicyStatus
 from shoal_core.autoscale.policy import Plan
 from shoal_core.autoscale.schedule import validate_window
 from shoal_operator.builders import hpa as hpa_builder
 from shoal_operator.builders.apiservice import MetricsProvider
 from shoal_operator.builders.common import Owner
-from shoal_operator.conditions import Cond, EventSpec, merge_conditions, transition_events
 from shoal_operator.reconcilers.common import Problem
+from shoal_operator.status_conditions import Cond, EventSpec, merge_conditions, transition_events
 
 
 @dataclass(frozen=True)
@@ -78,9 +78,9 @@ def status(
     observed: PolicyObserved,
     plan_: PolicyPlan,
     extra_problems: list[Problem],
-    current: Mapping[str, Any],
+    current: ScalingPolicyStatus,
     now: str,
-) -> tuple[dict[str, Any], list[EventSpec]]:
+) -> tuple[ScalingPolicyStatus, list[EventSpec]]:
     problems = plan_.problems + extra_problems
     hpa_status = (observed.hpa or {}).get("status", {})
     dep = observed.deployment or {}
@@ -116,18 +116,17 @@ def status(
     if observed.metrics is not None:
         m = observed.metrics
         conds.append(Cond("MetricsAvailable", m.status, m.reason, m.message))
-    conditions = merge_conditions(current.get("conditions"), conds, generation, now)
-    new: dict[str, Any] = {
-        "observedGeneration": generation,
-        "conditions": conditions,
-        "currentReplicas": current_replicas,
-        "desiredReplicas": int(desired),
-        "hpaName": owner.name if plan_.hpa is not None else "",
-    }
-    if hpa_status.get("lastScaleTime"):
-        new["lastScaleTime"] = hpa_status["lastScaleTime"]
-    if observed.autoscale is not None:
-        new["lastDecision"] = observed.autoscale.decision
-    elif "lastDecision" in current:
-        new["lastDecision"] = current["lastDecision"]
-    return new, transition_events(current.get("conditions"), conditions)
+    conditions = merge_conditions(current.conditions, conds, generation, now)
+    new = ScalingPolicyStatus(
+        observed_generation=generation,
+        conditions=conditions,
+        current_replicas=current_replicas,
+        desired_replicas=int(desired),
+        hpa_name=owner.name if plan_.hpa is not None else "",
+        # Not known (no HPA status yet): left out, so the status keeps what it shows.
+        last_scale_time=hpa_status.get("lastScaleTime") or None,
+        last_decision=(
+            observed.autoscale.decision if observed.autoscale is not None else current.last_decision
+        ),
+    )
+    return new, transition_events(current.conditions, conditions)

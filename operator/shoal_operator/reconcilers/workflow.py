@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
 from shoal_api import dag
 from shoal_api.json_schema import schema_error
-from shoal_api.workflow import WorkflowSpec
+from shoal_api.timestamps import rfc3339
+from shoal_api.workflow import RunCounts, WorkflowSpec, WorkflowStatus
 from shoal_core.runs.when import compile_when
-from shoal_operator.conditions import Cond, EventSpec, merge_conditions, transition_events
 from shoal_operator.reconcilers.common import Problem
+from shoal_operator.status_conditions import Cond, EventSpec, merge_conditions, transition_events
 
 
 def problems(
@@ -77,17 +78,30 @@ def problems(
     return out
 
 
+@dataclass(frozen=True)
+class RunSummary:
+    """The dispatcher's figures of one Workflow's runs."""
+
+    active: int
+    succeeded: int
+    failed: int
+    p95_seconds: float | None = None
+    """None until a run has finished."""
+    last_run: float | None = None
+    """When the last run started (Unix time); None before the first."""
+
+
 def status(
     generation: int,
     namespace: str,
     spec: WorkflowSpec,
     capabilities: Mapping[str, frozenset[str]],
-    current: Mapping[str, Any],
+    current: WorkflowStatus,
     now: str,
-    runs: Mapping[str, Any] | None = None,
-) -> tuple[dict[str, Any], list[EventSpec]]:
-    """``runs``: the dispatcher's summary (runs, p95DurationSeconds, lastRunTime), None
-    where no dispatcher runs (the last mirrored figures stay)."""
+    runs: RunSummary | None = None,
+) -> tuple[WorkflowStatus, list[EventSpec]]:
+    """``runs``: the dispatcher's summary, None where no dispatcher runs (the last
+    mirrored figures stay)."""
     found = problems(namespace, spec, capabilities)
     if found:
         message = "; ".join(p.message for p in found)
@@ -100,12 +114,20 @@ def status(
             Cond("Ready", "True", "Valid", f"{len(spec.steps)} steps, every Agent present"),
             Cond("Degraded", "False", "AsExpected", ""),
         ]
-    conditions = merge_conditions(current.get("conditions"), conds, generation, now)
-    new = {
-        **current,
-        "observedGeneration": generation,
-        "conditions": conditions,
-        "stepCount": len(spec.steps),
-        **(runs or {}),
-    }
-    return new, transition_events(current.get("conditions"), conditions)
+    conditions = merge_conditions(current.conditions, conds, generation, now)
+    counts, p95, last_run = current.runs, current.p95_duration_seconds, current.last_run_time
+    if runs is not None:
+        counts = RunCounts(active=runs.active, succeeded=runs.succeeded, failed=runs.failed)
+        if runs.p95_seconds is not None:
+            p95 = round(runs.p95_seconds, 3)
+        if runs.last_run is not None:
+            last_run = rfc3339(runs.last_run)
+    new = WorkflowStatus(
+        observed_generation=generation,
+        conditions=conditions,
+        step_count=len(spec.steps),
+        runs=counts,
+        p95_duration_seconds=p95,
+        last_run_time=last_run,
+    )
+    return new, transition_events(current.conditions, conditions)

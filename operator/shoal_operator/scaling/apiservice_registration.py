@@ -20,7 +20,7 @@ from typing import Any
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from shoal_operator.builders import apiservice as reg
-from shoal_operator.kube import Kube
+from shoal_operator.clients.kube import Kube
 from shoal_operator.scaling.metrics_api_server import MetricsApiConfig
 from shoal_operator.settings import FIELD_MANAGER
 

@@ -26,7 +26,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from shoal_api.runtime_state import PodStats
 from shoal_operator.builders.hpa import LATENCY_METRIC, QUEUE_LAG_METRIC
-from shoal_operator.jetstream_admin import queue_counts
+from shoal_operator.clients.jetstream import queue_counts
 
 ARRIVAL_RATE_METRIC = "shoal_arrival_rate"
 METRICS = (QUEUE_LAG_METRIC, LATENCY_METRIC, ARRIVAL_RATE_METRIC)
@@ -98,7 +98,7 @@ class MetricsUnavailable(MetricsError):  # noqa: N818  (an API answer: ServiceUn
 
 
 class MetricsSource(Protocol):
-    """Where the figures come from (:class:`~shoal_operator.jetstream_admin.JetStreamAdmin`)."""
+    """Where the figures come from (:class:`~shoal_operator.clients.jetstream.JetStreamAdmin`)."""
 
     async def consumer_info(self, namespace: str, agent: str) -> dict[str, Any] | None: ...
 

@@ -325,3 +325,38 @@ def combined(infos: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def queue_counts(info: Mapping[str, Any]) -> tuple[int, int]:
     """(pending, in flight) of a consumer, or of an Agent's :func:`combined` consumers."""
     return int(info.get("num_pending", 0)), int(info.get("num_ack_pending", 0))
+
+
+class JetStreamLink:
+    """The operator's JetStream connection, made in the background: the operator runs
+    (and reports NATS unavailable) until it exists, and keeps retrying to make it."""
+
+    def __init__(self) -> None:
+        self.admin: JetStreamAdmin | None = None
+        self.ready = asyncio.Event()
+
+    def get(self) -> JetStreamAdmin | None:
+        return self.admin
+
+    async def connected(self) -> JetStreamAdmin:
+        await self.ready.wait()
+        assert self.admin is not None
+        return self.admin
+
+    async def connect(self, url: str) -> None:
+        """Connects and declares streams and buckets, retrying until it works."""
+        delay = 1.0
+        while True:
+            try:
+                admin = await JetStreamAdmin.connect(url)
+                await admin.ensure_streams()
+                await admin.ensure_buckets()
+            except Exception as exc:
+                log.warning("NATS at %s not usable yet (%s); retrying in %.0fs", url, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30)
+                continue
+            self.admin = admin
+            self.ready.set()
+            log.info("connected to NATS at %s", url)
+            return

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from shoal_operator.kube import Kube, is_status, micro_time
+from shoal_api.timestamps import micro_time
+from shoal_operator.clients.kube import Kube, is_status
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ with raw JSON in and out: builders produce dicts, so no generated models are nee
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import socket
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from shoal_api.base import GROUP, VERSION
+from shoal_api.timestamps import micro_time
 from shoal_operator.settings import FIELD_MANAGER
 
 NotFound = 404
@@ -53,11 +53,6 @@ RESOURCES: dict[str, Resource] = {
 }
 
 
-def micro_time() -> str:
-    """Now as a metav1.MicroTime (Lease renewTime, Event eventTime)."""
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def is_status(exc: BaseException, code: int) -> bool:
     return isinstance(exc, ApiException) and exc.status == code
 
@@ -65,18 +60,19 @@ def is_status(exc: BaseException, code: int) -> bool:
 class Kube:
     """An API client of the operator; one per process."""
 
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(self, api: client.ApiClient, instance: str | None = None) -> None:
         self.api = api
-        self.instance = os.environ.get("POD_NAME") or socket.gethostname()
+        self.instance = instance or os.environ.get("POD_NAME") or socket.gethostname()
+        """Who reports our Events (reportingInstance): the pod, or this host."""
 
     @classmethod
-    async def connect(cls) -> Kube:
+    async def connect(cls, instance: str | None = None) -> Kube:
         try:
             config.load_incluster_config()  # type: ignore[no-untyped-call]
         except config.ConfigException:
             # Read KUBECONFIG now: the library captured it when first imported.
             await config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-        return cls(client.ApiClient())
+        return cls(client.ApiClient(), instance)
 
     async def close(self) -> None:
         await self.api.close()

@@ -13,7 +13,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from shoal_operator.kube import Kube, micro_time
+from shoal_api.timestamps import micro_time
+from shoal_operator.clients.kube import Kube
 
 log = logging.getLogger(__name__)
 
