@@ -102,6 +102,10 @@ bench: dev ## Benchmarks (fresh local test beds); writes bench/results/*.json an
 	$(PY) bench/simulator.py
 	$(PY) bench/autoscale_reaction.py
 
+.PHONY: bench-smoke
+bench-smoke: dev ## Every benchmark at a small size (part of `make test`); results in a temp dir
+	$(PY) -m pytest tests/bench $(PYTEST_ARGS)
+
 # Not `apply -R -f examples/`: examples/inputs/ holds workflow inputs (JSON), not manifests.
 .PHONY: demo
 demo: operator-up ## Start the local cluster and the operator, apply the examples, submit tasks and runs

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import results_meta
 
 from shoal_api import envelope as env
 from shoal_api import nats_layout as nl
@@ -187,13 +188,15 @@ def manifests() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=4, help="bursts per operator")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    results_meta.start()
     runs: dict[str, list[dict[str, float]]] = {"shoal": [], "poll30": []}
     with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
         cluster = LocalCluster(Path(tmp) / "cluster")
         log("starting the local control plane (HPA sync period: the 15 s default)")
-        cluster.up(kubelet=False)
         try:
+            cluster.up(kubelet=False)
             kubectl = Kubectl(cluster.kubeconfig)
             kubectl("apply", "--server-side", "-k", str(REPO / "crds"))
             kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
@@ -217,24 +220,26 @@ def main() -> int:
                     )
         finally:
             cluster.down()
-    report(runs, args.trials)
+    report(runs, args.trials, args.out)
     return 0
 
 
-def report(runs: dict[str, list[dict[str, float]]], trials: int) -> None:
+def report(runs: dict[str, list[dict[str, float]]], trials: int, out: Path) -> None:
     def med(name: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[name])
 
-    doc = {
-        "trials": trials,
-        "burst_tasks": BURST,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "runs": runs,
-        "median": {n: {k: med(n, k) for k in ("freshness_s", "reaction_s")} for n in runs},
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "autoscale.json").write_text(json.dumps(doc, indent=2) + "\n")
+    doc = results_meta.stamp_json(
+        {
+            "trials": trials,
+            "burst_tasks": BURST,
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "runs": runs,
+            "median": {n: {k: med(n, k) for k in ("freshness_s", "reaction_s")} for n in runs},
+        }
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "autoscale.json").write_text(json.dumps(doc, indent=2) + "\n")
     shoal, base = med("shoal", "reaction_s"), med("poll30", "reaction_s")
     fresh = med("shoal", "freshness_s")
     lines = [
@@ -260,8 +265,9 @@ def report(runs: dict[str, list[dict[str, float]]], trials: int) -> None:
         f"| metric freshness | <= 1 s | {fresh:.2f} s | {'met' if fresh <= 1 else 'not met'} |",
         "",
     ]
-    (RESULTS / "autoscale.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    table = results_meta.stamp_markdown("\n".join(lines))
+    (out / "autoscale.md").write_text(table)
+    print(table)
 
 
 if __name__ == "__main__":

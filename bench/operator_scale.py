@@ -29,6 +29,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import results_meta
 from kubernetes_asyncio import client, watch
 
 from shoal_api.agent import AgentSpec
@@ -277,7 +278,11 @@ async def phase_shoal(cluster: LocalCluster, n: int, samples: int) -> dict[str, 
             raise RuntimeError("operator exited: " + logf.read_text()[-2000:])
     finally:
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         await kube.close()
     return {
         "all_ready_seconds": all_ready,
@@ -293,16 +298,16 @@ def with_cluster(
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
         cluster = LocalCluster(Path(tmp) / "cluster")
-        cluster.up(kubelet=False)
-        os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
-        kubectl = [str(cluster_kubectl()), f"--kubeconfig={cluster.kubeconfig}"]
-        subprocess.run(
-            [*kubectl, "apply", "--server-side", "-k", str(REPO / "crds")],
-            check=True,
-            capture_output=True,
-        )
-        subprocess.run([*kubectl, "create", "namespace", NS], check=True, capture_output=True)
         try:
+            cluster.up(kubelet=False)
+            os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
+            kubectl = [str(cluster_kubectl()), f"--kubeconfig={cluster.kubeconfig}"]
+            subprocess.run(
+                [*kubectl, "apply", "--server-side", "-k", str(REPO / "crds")],
+                check=True,
+                capture_output=True,
+            )
+            subprocess.run([*kubectl, "create", "namespace", NS], check=True, capture_output=True)
             return asyncio.run(fn(cluster))
         finally:
             cluster.down()
@@ -345,14 +350,17 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
+    results_meta.start()
     log(f"baseline: {args.agents} Deployments + HPAs created directly")
     base = with_cluster(lambda _c: phase_baseline(args.agents, args.samples))
     log(f"shoal: {args.agents} Agents + ScalingPolicies through the operator")
     shoal = with_cluster(lambda c: phase_shoal(c, args.agents, args.samples))
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"agents": args.agents, "samples": args.samples, "baseline": base, "shoal": shoal}
+    result = results_meta.stamp_json(
+        {"agents": args.agents, "samples": args.samples, "baseline": base, "shoal": shoal}
+    )
     (args.out / "operator.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(args.agents, base, shoal)
+    table = results_meta.stamp_markdown(markdown(args.agents, base, shoal))
     (args.out / "operator.md").write_text(table)
     print(table)
     return 0

@@ -60,6 +60,7 @@ from typing import Any
 
 import nats
 import redis
+import results_meta
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -920,6 +921,7 @@ def main() -> int:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(bare_worker(args.bare_worker))
         return 0
+    results_meta.start()
     if args.quick:
         args.tasks, args.latency_samples, args.warmup, args.rounds = 2_000, 200, 100, 2
     elif args.out is None:
@@ -976,20 +978,22 @@ def main() -> int:
                 f"{label}: {r['tasks_per_second']:,.0f} tasks/s, latency p50 "
                 f"{r['latency_p50_ms']:.2f} ms p99 {r['latency_p99_ms']:.2f} ms"
             )
-    doc: dict[str, Any] = {
-        "tasks": n,
-        "rounds": args.rounds,
-        "latency_samples": samples,
-        "warmup": warm,
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "versions": versions(redis_bin),
-        "wall_seconds": time.monotonic() - t_start,
-        "load_average_1m": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
-        "systems": systems,
-    }
+    doc: dict[str, Any] = results_meta.stamp_json(
+        {
+            "tasks": n,
+            "rounds": args.rounds,
+            "latency_samples": samples,
+            "warmup": warm,
+            "cores": os.cpu_count(),
+            "platform": platform.platform(),
+            "versions": versions(redis_bin),
+            "wall_seconds": time.monotonic() - t_start,
+            "load_average_1m": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
+            "systems": systems,
+        }
+    )
     doc["goals"] = goals(systems)
-    table = markdown(doc)
+    table = results_meta.stamp_markdown(markdown(doc))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "runtime.json").write_text(json.dumps(doc, indent=2) + "\n")

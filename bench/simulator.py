@@ -35,6 +35,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import results_meta
+
 from shoal_api.scaling import ScalingPolicySpec
 from shoal_core.autoscale.forecast import GRID, forecast
 from shoal_core.autoscale.simulate import DEFAULT_START, Step, simulate, summarize
@@ -175,6 +177,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
+    results_meta.start()
 
     load_start = os.getloadavg()[0]
     trace = day_trace()
@@ -199,41 +202,44 @@ def main() -> None:
         fc_ms.append((time.perf_counter() - t0) * 1000)
     log(f"forecast over a week of minutes: {statistics.median(fc_ms):.0f} ms")
 
-    doc: dict[str, Any] = {
-        "steps": len(trace),
-        "tasks": int(sum(n for _, n in trace)),
-        "rounds": args.rounds,
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "versions": versions(),
-        "wall_seconds": time.perf_counter() - wall,
-        "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]},
-        "per_replica_rate": PER_REPLICA_RATE,
-        "runs": {
-            key: {
-                "what": RUNS[key][0],
-                "seconds": seconds[key],
-                "median_seconds": statistics.median(seconds[key]),
-                "min_seconds": min(seconds[key]),
-                "ratio_to_baseline": statistics.median(seconds[key])
-                / statistics.median(seconds["baseline"]),
-                "summary": dataclasses.asdict(summarize(last[key])),
-                "forecasts": sum(1 for s in last[key] if s.forecast_rate is not None),
-            }
-            for key in RUNS
-        },
-        "forecast_week": {
-            "samples": len(week),
+    doc: dict[str, Any] = results_meta.stamp_json(
+        {
+            "steps": len(trace),
+            "tasks": int(sum(n for _, n in trace)),
             "rounds": args.rounds,
-            "median_ms": statistics.median(fc_ms),
-            "ms": fc_ms,
-        },
-        "goal_seconds": GOAL_SECONDS,
-    }
+            "cores": os.cpu_count(),
+            "platform": platform.platform(),
+            "versions": versions(),
+            "wall_seconds": time.perf_counter() - wall,
+            "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]},
+            "per_replica_rate": PER_REPLICA_RATE,
+            "runs": {
+                key: {
+                    "what": RUNS[key][0],
+                    "seconds": seconds[key],
+                    "median_seconds": statistics.median(seconds[key]),
+                    "min_seconds": min(seconds[key]),
+                    "ratio_to_baseline": statistics.median(seconds[key])
+                    / statistics.median(seconds["baseline"]),
+                    "summary": dataclasses.asdict(summarize(last[key])),
+                    "forecasts": sum(1 for s in last[key] if s.forecast_rate is not None),
+                }
+                for key in RUNS
+            },
+            "forecast_week": {
+                "samples": len(week),
+                "rounds": args.rounds,
+                "median_ms": statistics.median(fc_ms),
+                "ms": fc_ms,
+            },
+            "goal_seconds": GOAL_SECONDS,
+        }
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "simulator.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (args.out / "simulator.md").write_text(render(doc))
-    print(render(doc))
+    table = results_meta.stamp_markdown(render(doc))
+    (args.out / "simulator.md").write_text(table)
+    print(table)
 
 
 def _minute_buckets(trace: list[tuple[float, float]]) -> list[float]:

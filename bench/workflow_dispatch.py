@@ -74,6 +74,7 @@ from typing import Any, TypeVar
 
 import nats
 import nats.errors
+import results_meta
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -866,8 +867,10 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     with stopping([server]) as procs:
         await wait_port(url, server)
         configs = await declare_agents(url)
-        runtimes = [start_runtime(url, a, c, tmp) for a, c in configs.items()]
-        procs += runtimes
+        runtimes: list[Proc] = []
+        for agent, config in configs.items():
+            runtimes.append(start_runtime(url, agent, config, tmp))
+            procs.append(runtimes[-1])
         argv = [sys.executable, str(Path(__file__).resolve()), "--dispatcher", url]
         argv += ["--max-concurrent-runs", str(args.max_concurrent_runs)]
         disp = Proc.start("dispatcher", argv, tmp, {**os.environ, "PYTHONPATH": str(REPO)})
@@ -1181,6 +1184,7 @@ def main() -> int:
     if args.dispatcher:
         asyncio.run(dispatcher_process(args.dispatcher))
         return 0
+    results_meta.start()
     if args.quick:
         args.runs, args.rounds, args.latency_runs, args.warmup = 300, 1, 50, 50
         args.paced_seconds = 3
@@ -1199,25 +1203,27 @@ def main() -> int:
         except PhaseError as exc:
             log(f"ERROR: not measured: {exc}")
             return 1
-    doc: dict[str, Any] = {
-        "runs": args.runs,
-        "rounds": args.rounds,
-        "latency_runs": args.latency_runs,
-        "warmup": args.warmup,
-        "submit_concurrency": args.submit_concurrency,
-        "max_concurrent_runs": args.max_concurrent_runs,
-        "paced_rate": args.rate,
-        "paced_seconds": args.paced_seconds,
-        "runtime_concurrency": CONCURRENCY,
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "versions": versions(),
-        "wall_seconds": time.monotonic() - t_start,
-        "load_average_1m": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
-        "systems": systems,
-    }
+    doc: dict[str, Any] = results_meta.stamp_json(
+        {
+            "runs": args.runs,
+            "rounds": args.rounds,
+            "latency_runs": args.latency_runs,
+            "warmup": args.warmup,
+            "submit_concurrency": args.submit_concurrency,
+            "max_concurrent_runs": args.max_concurrent_runs,
+            "paced_rate": args.rate,
+            "paced_seconds": args.paced_seconds,
+            "runtime_concurrency": CONCURRENCY,
+            "cores": os.cpu_count(),
+            "platform": platform.platform(),
+            "versions": versions(),
+            "wall_seconds": time.monotonic() - t_start,
+            "load_average_1m": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
+            "systems": systems,
+        }
+    )
     doc["goals"] = goals(doc)
-    table = markdown(doc)
+    table = results_meta.stamp_markdown(markdown(doc))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "workflow.json").write_text(json.dumps(doc, indent=2) + "\n")

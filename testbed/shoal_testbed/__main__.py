@@ -10,6 +10,7 @@ from pathlib import Path
 
 from shoal_testbed.binaries import control_plane_bin
 from shoal_testbed.cluster import LocalCluster, TestbedError
+from shoal_testbed.signals import stop_on_signals
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     cluster = LocalCluster(args.dir)
     try:
         if args.command == "up":
+            # Interrupted while starting (SIGTERM, Ctrl-C): up() stops what it started.
+            # Once up, it returns and leaves the test bed running in the background.
+            stop_on_signals()
             cluster.up(kubelet=not args.no_kubelet)
         elif args.command == "down":
             cluster.down()

@@ -29,6 +29,7 @@ import pytest
 
 from shoal_testbed.binaries import control_plane_bin, nats_server_bin
 from shoal_testbed.cluster import LocalCluster, free_port, wait_for
+from shoal_testbed.signals import stop_on_signals
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "crds"
@@ -207,6 +208,14 @@ def _point_at(bed: Testbed) -> None:
     # prometheus_client's server outlives an in-process operator (a thread holding the
     # port): off here; operator processes get a free port each (OperatorProcess).
     os.environ["SHOAL_OPERATOR_METRICS_PORT"] = "0"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM (and SIGHUP) stop a pytest session the way Ctrl-C does, so that its
+    teardown runs: the session's test bed and every process a fixture started are
+    stopped rather than left running."""
+    del config
+    stop_on_signals(lambda _signum: KeyboardInterrupt())
 
 
 @pytest.fixture(scope="session")
