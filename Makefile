@@ -101,6 +101,7 @@ bench: dev ## Benchmarks (fresh local test beds); writes bench/results/*.json an
 	$(PY) bench/workflow_dispatch.py
 	$(PY) bench/simulator.py
 	$(PY) bench/autoscale_reaction.py
+	$(PY) bench/jetstream_scale.py
 
 # Not `apply -R -f examples/`: examples/inputs/ holds workflow inputs (JSON), not manifests.
 .PHONY: demo
