@@ -101,6 +101,7 @@ bench: dev ## Benchmarks (fresh local test beds); writes bench/results/*.json an
 	$(PY) bench/workflow_dispatch.py
 	$(PY) bench/simulator.py
 	$(PY) bench/autoscale_reaction.py
+	$(PY) bench/jetstream_scale.py
 
 .PHONY: bench-smoke
 bench-smoke: dev ## Every benchmark at a small size (part of `make test`); results in a temp dir

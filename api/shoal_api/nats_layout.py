@@ -11,6 +11,20 @@ every name below unambiguous.
 - workflow run submission: ``shoal.run.<ns>.<workflow>``
 - an Agent's durable consumers on ``SHOAL_TASKS``: one per priority band (see
   :data:`BANDS`), ``<ns>_<agent>_<band>``, except the normal band's ``<ns>_<agent>``
+- ``SHOAL_TASKS`` is declared with an explicit consumer capacity,
+  :data:`TASKS_MAX_CONSUMERS` (:data:`FLEET_AGENTS` Agents x their
+  :data:`CONSUMERS_PER_AGENT` bands). Never -1: nats-server replaces -1 with its
+  ``default_max_consumers`` (1,000 per stream in 2.15), which held only 333 Agents. An
+  existing stream is raised to it in place (a stream update keeps messages and
+  consumers).
+
+Measured with nats-server 2.15.1 (``bench/jetstream_scale.py``, README "NATS and
+JetStream at fleet scale"): a band consumer costs ~54 KiB of server memory (~160 KiB an
+Agent, ~1.6 GiB for 10,000) and next to no idle CPU. Creating one costs more the more
+consumers the work-queue stream already has (8 ms an Agent at 200 Agents, ~200 ms at
+2,000 on 2 shared cores), so declaring a whole fleet from nothing on one stream grows
+superlinearly; it is paid once per Agent (re-declaring an existing consumer is a lookup,
+~1.3 ms an Agent).
 - the workflow dispatcher's durable consumer on ``SHOAL_RESULTS``: ``shoal-dispatcher``
 - KV buckets ``shoal-circuit``, ``shoal-cache``, ``shoal-runs``, ``shoal-usage``, keyed
   ``<ns>.<agent>[.<rest>]``; ``shoal-stats`` (entries expire after 30 s) holds each
@@ -67,6 +81,13 @@ BANDS = (
     Band("normal", range(4, 7), 2),
     Band("low", range(0, 4), 1),
 )
+CONSUMERS_PER_AGENT = len(BANDS)
+# The fleet one SHOAL_TASKS stream is declared for: room for 20,000 Agents' bands, twice
+# the 10,000 benchmarked on one server (~1.6 GiB of nats-server memory). Raising it is a
+# stream update; the server's memory, not this number, is the real bound.
+FLEET_AGENTS = 20_000
+TASKS_MAX_CONSUMERS = FLEET_AGENTS * CONSUMERS_PER_AGENT
+
 # Keeps the Agent's original consumer name: the default priority (5) is in it, so a
 # consumer declared before bands existed is narrowed in place rather than replaced.
 NAMED_BAND = "normal"

@@ -29,6 +29,10 @@ def streams() -> list[dict[str, Any]]:
             "subjects": [nl.TASK_SUBJECTS],
             "retention": "workqueue",
             "max_age": _ns(7 * DAY),
+            # Every Agent holds one consumer per band here; the server's implicit cap
+            # (1,000 per stream) held 333 Agents. Explicit, so an existing stream is
+            # raised to it in place (see ensure_streams).
+            "max_consumers": nl.TASKS_MAX_CONSUMERS,
             **common,
         },
         {
