@@ -22,19 +22,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import os
 import platform
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any
+
+import results_meta
 
 from shoal_api import nats_layout as nl
 from shoal_api.agent import AgentSpec
@@ -70,13 +69,6 @@ def status_kib(pid: int, field: str) -> int:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def git_commit() -> str:
-    out = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-    )
-    return out.stdout.strip() or "unknown"
 
 
 def agent_name(i: int) -> str:
@@ -236,8 +228,7 @@ def markdown(r: dict[str, Any]) -> str:
         [
             f"JetStream at fleet scale: {r['agents']} Agents' band consumers on one "
             f"nats-server {r['nats_server']}, declared by the operator's JetStreamAdmin "
-            f"({r['workers']} concurrent declarers). Commit {r['commit']}, {r['date']}, "
-            f"{r['machine']}.",
+            f"({r['workers']} concurrent declarers), {r['machine']}.",
             "",
             "| measure | value |",
             "| --- | --- |",
@@ -254,10 +245,6 @@ def server_version() -> str:
     return out.stdout.strip().rpartition(" ")[2] or "unknown"
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--agents", type=int, default=10_000)
@@ -265,8 +252,7 @@ def main() -> int:
     p.add_argument("--stop-limit", type=float, default=300.0, help="seconds to wait for exit")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory of jetstream.json/.md")
     args = p.parse_args()
-    signal.signal(signal.SIGTERM, _interrupt)
-    commit = git_commit()  # the code measured, whatever is committed while it runs
+    results_meta.start()
     with tempfile.TemporaryDirectory(prefix="shoal-js-bench-") as tmp:
         server = Server(Path(tmp) / "nats")
         stop: float | None = None
@@ -278,13 +264,13 @@ def main() -> int:
     result.update(
         stop_seconds=None if stop is None else round(stop, 1),
         nats_server=server_version(),
-        commit=commit,
-        date=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "jetstream.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
+    (args.out / "jetstream.json").write_text(
+        json.dumps(results_meta.stamp_json(result), indent=2) + "\n"
+    )
+    md = results_meta.stamp_markdown(markdown(result))
     (args.out / "jetstream.md").write_text(md)
     print(md)
     return 1 if result["declare"]["failures"] else 0

@@ -39,9 +39,8 @@ SMOKES: dict[str, Smoke] = {
     # One trial per operator: up to ~15 s of random phase + the HPA's 15 s sync each.
     "autoscale_reaction.py": Smoke(("--trials", "1"), "autoscale", 900),
     "simulator.py": Smoke(("--rounds", "1"), "simulator", 300),
-    # The JetStream layout at scale (bench/jetstream_scale.py, --agents N, writes
-    # jetstream.json/.md): add it here once it is in bench/, e.g.
-    # "jetstream_scale.py": Smoke(("--agents", "5"), "jetstream", 600),
+    # The JetStream layout alone, on one nats-server.
+    "jetstream_scale.py": Smoke(("--agents", "20"), "jetstream", 300),
 }
 NOT_BENCHMARKS = {"celery_noop.py", "noop_handler.py", "results_meta.py"}
 """Modules the benchmarks import, not benchmarks themselves."""
