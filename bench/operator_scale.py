@@ -29,7 +29,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from kubernetes_asyncio import client, watch
+from kubernetes_asyncio import client, config, watch
 
 from shoal_api.agent import AgentSpec
 from shoal_api.pod_contract import CONFIG_ENV
@@ -42,6 +42,7 @@ from shoal_operator.builders.deployment import (
 )
 from shoal_operator.builders.hpa import hpa
 from shoal_operator.clients.kube import Kube
+from shoal_testbed.binaries import operator_python
 from shoal_testbed.cluster import LocalCluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,8 +94,16 @@ class DeploymentWatch:
         self.seen: dict[tuple[str, int], float] = {}
         self._task: asyncio.Task[None] | None = None
 
-    def start(self, api: client.ApiClient) -> None:
-        self._task = asyncio.create_task(self._run(api))
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        # The benchmark's own client: the operator's Kube has no kubernetes_asyncio inside.
+        api = await config.new_client_from_config(config_file=os.environ["KUBECONFIG"])
+        try:
+            await self._run(api)
+        finally:
+            await api.close()
 
     async def _run(self, api: client.ApiClient) -> None:
         apps = client.AppsV1Api(api)
@@ -195,7 +204,7 @@ async def phase_baseline(n: int, samples: int) -> dict[str, Any]:
         return [sa, dep, h]
 
     dw = DeploymentWatch()
-    dw.start(kube.api)
+    dw.start()
     started = time.monotonic()
     await bounded(
         [partial(kube.apply, o) for i in range(n) for o in objects(i)], CREATE_CONCURRENCY
@@ -241,7 +250,7 @@ async def phase_shoal(cluster: LocalCluster, n: int, samples: int) -> dict[str, 
     with logf.open("wb") as out:
         proc = subprocess.Popen(
             [
-                sys.executable,
+                str(operator_python()),  # the operator distribution alone, as it ships
                 "-m",
                 "shoal_operator",
                 "--namespace",
@@ -257,7 +266,7 @@ async def phase_shoal(cluster: LocalCluster, n: int, samples: int) -> dict[str, 
         await asyncio.sleep(5)
         idle_rss = rss_kib(proc.pid, "VmRSS")
         dw = DeploymentWatch()
-        dw.start(kube.api)
+        dw.start()
         started = time.monotonic()
         jobs: list[Callable[[], Awaitable[Any]]] = []
         for i in range(n):
