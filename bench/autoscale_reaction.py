@@ -33,7 +33,7 @@ import results_meta
 
 from shoal_api import envelope as env
 from shoal_api import nats_layout as nl
-from shoal_testbed.binaries import control_plane_bin
+from shoal_testbed.binaries import control_plane_bin, operator_python
 from shoal_testbed.cluster import LocalCluster, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def start_operator(cluster: LocalCluster, max_age: float, logfile: Path) -> subp
     }
     out = logfile.open("ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "shoal_operator", "--namespace", NS],
+        [str(operator_python()), "-m", "shoal_operator", "--namespace", NS],
         stdout=out,
         stderr=subprocess.STDOUT,
         env=environ,

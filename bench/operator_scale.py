@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import results_meta
-from kubernetes_asyncio import client, watch
+from kubernetes_asyncio import client, config, watch
 
 from shoal_api.agent import AgentSpec
 from shoal_api.pod_contract import CONFIG_ENV
@@ -43,7 +43,8 @@ from shoal_operator.builders.deployment import (
 )
 from shoal_operator.builders.hpa import hpa
 from shoal_operator.clients.kube import Kube
-from shoal_testbed.cluster import LocalCluster
+from shoal_testbed.binaries import operator_python
+from shoal_testbed.cluster import LocalCluster, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 NS = "bench"
@@ -94,8 +95,16 @@ class DeploymentWatch:
         self.seen: dict[tuple[str, int], float] = {}
         self._task: asyncio.Task[None] | None = None
 
-    def start(self, api: client.ApiClient) -> None:
-        self._task = asyncio.create_task(self._run(api))
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        # The benchmark's own client: the operator's Kube has no kubernetes_asyncio inside.
+        api = await config.new_client_from_config(config_file=os.environ["KUBECONFIG"])
+        try:
+            await self._run(api)
+        finally:
+            await api.close()
 
     async def _run(self, api: client.ApiClient) -> None:
         apps = client.AppsV1Api(api)
@@ -196,7 +205,7 @@ async def phase_baseline(n: int, samples: int) -> dict[str, Any]:
         return [sa, dep, h]
 
     dw = DeploymentWatch()
-    dw.start(kube.api)
+    dw.start()
     started = time.monotonic()
     await bounded(
         [partial(kube.apply, o) for i in range(n) for o in objects(i)], CREATE_CONCURRENCY
@@ -242,13 +251,14 @@ async def phase_shoal(cluster: LocalCluster, n: int, samples: int) -> dict[str, 
     with logf.open("wb") as out:
         proc = subprocess.Popen(
             [
-                sys.executable,
+                str(operator_python()),  # the operator distribution alone, as it ships
                 "-m",
                 "shoal_operator",
                 "--namespace",
                 NS,
                 "--liveness",
-                "http://127.0.0.1:0/healthz",
+                # kopf reads port 0 as 80: a free port of its own.
+                f"http://127.0.0.1:{free_port()}/healthz",
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -258,7 +268,7 @@ async def phase_shoal(cluster: LocalCluster, n: int, samples: int) -> dict[str, 
         await asyncio.sleep(5)
         idle_rss = rss_kib(proc.pid, "VmRSS")
         dw = DeploymentWatch()
-        dw.start(kube.api)
+        dw.start()
         started = time.monotonic()
         jobs: list[Callable[[], Awaitable[Any]]] = []
         for i in range(n):

@@ -12,9 +12,8 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from kubernetes_asyncio.client.exceptions import ApiException
-
 from shoal_operator.cache import Cache, Key
+from shoal_operator.clients.kube import ApiError
 from shoal_operator.kinds.agent import AgentIO
 from shoal_operator.kinds.scaling import PolicyIO
 from shoal_operator.kinds.workflow import WorkflowIO
@@ -72,7 +71,7 @@ class Controller:
                 n = self._failures.get(key, 0) + 1
                 self._failures[key] = n
                 delay = min(MAX_BACKOFF, 0.5 * 2**n)
-                if isinstance(exc, RetryLater | ApiException):
+                if isinstance(exc, RetryLater | ApiError):
                     log.warning(
                         "reconcile %s/%s/%s: %s; retrying in %.0fs", *key, api_reason(exc), delay
                     )

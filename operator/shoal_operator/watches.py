@@ -107,8 +107,9 @@ def register(registry: kopf.OperatorRegistry, operator: Operator) -> None:
 
     @kopf.on.login(id="_login", registry=registry)
     def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        # kopf's default login through kubernetes_asyncio reads the KUBECONFIG the
-        # library captured when first imported; these read the environment now.
+        # kopf's default login goes through kubernetes_asyncio when it is installed (a dev
+        # environment), which reads the KUBECONFIG captured when first imported; these
+        # read the environment now, where clients.kube looks too.
         info: kopf.ConnectionInfo | None = kopf.login_with_service_account(
             **kwargs
         ) or kopf.login_with_kubeconfig(**kwargs)

@@ -18,12 +18,12 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from shoal_api.base import ApiModel, ObjectStatus, status_patch
 from shoal_api.timestamps import now_rfc3339
 from shoal_operator.cache import Key
+from shoal_operator.clients.kube import ApiError as ApiException
 from shoal_operator.clients.kube import Kube
 from shoal_operator.settings import FINALIZER
 from shoal_operator.status_conditions import (

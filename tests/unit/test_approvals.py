@@ -16,7 +16,6 @@ import pytest
 import yaml
 from celpy.adapter import json_to_cel
 from celpy.celtypes import BoolType
-from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from shoal_api import approval
@@ -27,7 +26,7 @@ from shoal_api.runs.model import ApprovalDecided
 from shoal_api.timestamps import unix_time
 from shoal_cli import kubeapi
 from shoal_cli.approvals import approval_name
-from shoal_operator.clients.kube import Kube
+from shoal_operator.clients.kube import ApiError, Kube
 from shoal_operator.kinds.approval import ApprovalRelay
 from shoal_operator.reconcilers import approval as approval_rec
 from shoal_operator.runs import DecideOutcome
@@ -282,10 +281,10 @@ class ApprovalKube:
         assert (kind, namespace, sub) == ("Approval", NS, "status")
         if self.fail_next is not None:
             code, self.fail_next = self.fail_next, None
-            raise ApiException(status=code, reason="Boom")
+            raise ApiError(status=code, reason="Boom")
         obj = self.objects[name]
         if patch["metadata"]["resourceVersion"] != obj["metadata"]["resourceVersion"]:
-            raise ApiException(status=409, reason="Conflict")
+            raise ApiError(status=409, reason="Conflict")
         self.patches.append(patch)
         obj["status"] = patch["status"]
         obj["metadata"]["resourceVersion"] = str(int(obj["metadata"]["resourceVersion"]) + 1)

@@ -10,8 +10,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from kubernetes_asyncio.client.exceptions import ApiException
-
 from shoal_api.agent import AgentSpec, AgentStatus
 from shoal_api.runtime_state import CircuitRecord, UsageRecord
 from shoal_api.timestamps import now_rfc3339
@@ -19,6 +17,7 @@ from shoal_operator.builders.common import Owner
 from shoal_operator.builders.deployment import RuntimeDefaults
 from shoal_operator.cache import Cache
 from shoal_operator.clients.jetstream import JetStreamAdmin, queue_counts
+from shoal_operator.clients.kube import ApiError as ApiException
 from shoal_operator.clients.kube import Kube
 from shoal_operator.reconcilers import agent as agent_rec
 from shoal_operator.reconcilers.common import Problem

@@ -15,12 +15,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from shoal_api.approval import ApprovalSpec, ApprovalStatus
 from shoal_api.base import status_patch
 from shoal_api.timestamps import now_rfc3339
+from shoal_operator.clients.kube import ApiError as ApiException
 from shoal_operator.clients.kube import Kube
 from shoal_operator.clients.leader import LeaderElector
 from shoal_operator.reconcilers import approval as approval_rec

@@ -7,14 +7,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from kubernetes_asyncio.client.exceptions import ApiException
-
 from shoal_api.scaling import ScalingPolicySpec, ScalingPolicyStatus
 from shoal_api.timestamps import now_rfc3339
 from shoal_core.autoscale.policy import Plan
 from shoal_operator.builders.apiservice import MetricsProvider
 from shoal_operator.builders.common import Owner
 from shoal_operator.cache import Cache
+from shoal_operator.clients.kube import ApiError as ApiException
 from shoal_operator.reconcilers import scaling as scaling_rec
 from shoal_operator.reconcilers.common import Problem
 from shoal_operator.writer import Writer, api_reason

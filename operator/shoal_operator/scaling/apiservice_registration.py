@@ -17,10 +17,8 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from kubernetes_asyncio.client.exceptions import ApiException
-
 from shoal_operator.builders import apiservice as reg
-from shoal_operator.clients.kube import Kube
+from shoal_operator.clients.kube import ApiError, Kube
 from shoal_operator.scaling.metrics_api_server import MetricsApiConfig
 from shoal_operator.settings import FIELD_MANAGER
 
@@ -112,16 +110,16 @@ class Registration:
             reg.SERVICE_NAME,
         ):
             uid = existing["metadata"]["uid"]
-            with contextlib.suppress(ApiException):  # gone or replaced meanwhile
+            with contextlib.suppress(ApiError):  # gone or replaced meanwhile
                 await self.kube._call("DELETE", APISERVICE_PATH, {"preconditions": {"uid": uid}})
             log.info("metrics API: APIService %s deleted", reg.APISERVICE_NAME)
-        with contextlib.suppress(ApiException):
+        with contextlib.suppress(ApiError):
             await self.kube._call("DELETE", self._service_path)
 
     async def _get(self, path: str) -> dict[str, Any] | None:
         try:
             return await self.kube._call("GET", path)
-        except ApiException as exc:
+        except ApiError as exc:
             if exc.status == 404:
                 return None
             raise

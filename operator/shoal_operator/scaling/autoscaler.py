@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
-from kubernetes_asyncio.client.exceptions import ApiException
 from nats.js.kv import KeyValue
 
 from shoal_api import nats_layout as nl
@@ -36,6 +35,7 @@ from shoal_api.scaling import ScalingPolicySpec
 from shoal_core.autoscale.forecast import fit
 from shoal_core.autoscale.policy import Observation, Plan, plan
 from shoal_core.autoscale.schedule import describe_window, schedule_floor
+from shoal_operator.clients.kube import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class Autoscaler:
                     continue
             try:
                 await self.annotate_pod(ns, s.pod, {DELETION_COST: str(cost)})
-            except ApiException as exc:
+            except ApiError as exc:
                 if exc.status != 404:
                     raise
             self._costs[(ns, s.pod)] = (cost, now)
