@@ -3,10 +3,11 @@
 Server-side apply is skipped when neither the desired object nor the observed one has
 changed since our last apply; a status is written only when it differs from what the
 object shows (and counters that move all the time at most every few seconds), and a
-status written less than a second ago waits out that second, so transitions arriving
-together go out as one write; finalizers are written with a resourceVersion
-precondition; Events are best effort. The writer remembers the resourceVersion each of
-its writes produced, so the watch event of its own write (an echo) queues no reconcile.
+change without an Event less than a second after the previous write waits out that
+second, so changes arriving together go out as one write; finalizers are written with
+a resourceVersion precondition; Events are best effort. The writer remembers the
+resourceVersion each of its writes produced, so the watch event of its own write (an
+echo) queues no reconcile.
 One place, so that "write only when changed" holds for every kind alike.
 """
 
@@ -44,8 +45,8 @@ S = TypeVar("S", bound=ApiModel)
 # Counts change all the time under load; without a condition flip they reach status at
 # most this often (a status is a throttled mirror, not a live feed).
 STATUS_THROTTLE_SECONDS = 5.0
-# Any status change waits this long after the previous write of the same object: the
-# transitions of a burst (a rollout's steps, a policy's first decision) go out together.
+# A status change without an Event waits this long after the previous write of the same
+# object: the steps of a burst (a policy's Active and first decision) go out together.
 STATUS_COALESCE_SECONDS = 1.0
 # Our latest writes of an object whose watch events are recognised as echoes (a
 # finalizer and a status written by one reconcile arrive as two events).
@@ -247,15 +248,19 @@ class Writer:
         key = _key(kind, body)
         wire: dict[str, Any] = status_patch(status)["status"]
         current = self.current_status(kind, body)
+        events = list(events)
         changed = {k for k, v in wire.items() if current.get(k) != v}
         if changed:
             last = self._status_written.get(key)
-            throttle = STATUS_THROTTLE_SECONDS if changed <= THROTTLED_STATUS_KEYS else 0.0
-            wait = 0.0 if last is None else last + max(throttle, STATUS_COALESCE_SECONDS)
-            wait -= time.monotonic()
+            if changed <= THROTTLED_STATUS_KEYS:
+                hold = STATUS_THROTTLE_SECONDS
+            else:
+                # A transition with an Event is news and goes out now (a circuit that
+                # opens and closes within the window is two Events, not none).
+                hold = 0.0 if events else STATUS_COALESCE_SECONDS
+            wait = 0.0 if last is None else last + hold - time.monotonic()
             if wait > 0:
-                # Comes back when the wait is over, with whatever else changed meanwhile;
-                # its Events go out with that write (a transition stays one until shown).
+                # Comes back when the wait is over, with whatever else changed meanwhile.
                 self.requeue(key, wait)
                 return
             result = await self.kube.merge_patch(

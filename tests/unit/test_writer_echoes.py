@@ -120,15 +120,17 @@ def test_a_status_change_right_after_a_write_waits_and_coalesces() -> None:
     first = AgentStatus(observed_generation=1)
     asyncio.run(p.writer.write_status("Agent", agent, first, []))
     shown = {**with_rv(agent, str(p.kube.rv)), "status": {"observedGeneration": 1}}
+    asyncio.run(p.writer.write_status("Agent", shown, AgentStatus(observed_generation=2), []))
+    assert len(p.kube.patches) == 1  # waits for the coalescing window
+    ((key, delay),) = p.requeued
+    assert key == ("Agent", NS, "triage")
+    assert 0 < delay <= writer_mod.STATUS_COALESCE_SECONDS
+    # A transition with an Event is news: written (and posted) at once.
     became_ready = [EventSpec("Normal", "Available", "1/1 replicas ready")]
     asyncio.run(
         p.writer.write_status("Agent", shown, AgentStatus(observed_generation=2), became_ready)
     )
-    assert len(p.kube.patches) == 1  # waits for the coalescing window ...
-    assert p.kube.events == []  # ... and so does its Event, posted with the write
-    ((key, delay),) = p.requeued
-    assert key == ("Agent", NS, "triage")
-    assert 0 < delay <= writer_mod.STATUS_COALESCE_SECONDS
+    assert (len(p.kube.patches), p.kube.events) == (2, ["Available"])
 
 
 def test_an_unchanged_status_is_not_written() -> None:
