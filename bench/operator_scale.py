@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -156,6 +157,7 @@ async def wait_all(kube: Kube, kind: str, n: int, started: float, limit: float) 
     last = -1
     while True:
         ready = await count_ready(kube, kind)
+        OWN_LISTS[kind] = OWN_LISTS.get(kind, 0) + 1
         if ready != last:
             log(f"  {ready}/{n} {kind} ready after {time.monotonic() - started:.1f}s")
             last = ready
@@ -180,7 +182,7 @@ async def latencies(
     return out
 
 
-async def phase_baseline(n: int, samples: int) -> dict[str, Any]:
+async def phase_baseline(cluster: LocalCluster, n: int, samples: int) -> dict[str, Any]:
     kube = await Kube.connect()
     defaults = RuntimeDefaults(image="bench", nats_url="nats://bench")
     spec = AgentSpec.model_validate({"handler": {"python": "m:f"}, "concurrency": 4})
@@ -206,12 +208,19 @@ async def phase_baseline(n: int, samples: int) -> dict[str, Any]:
 
     dw = DeploymentWatch()
     dw.start()
+    pids = control_plane_pids(cluster)
+    load = phase_load(cluster.kubeconfig, pids)
+    OWN_LISTS.clear()
     started = time.monotonic()
     await bounded(
         [partial(kube.apply, o) for i in range(n) for o in objects(i)], CREATE_CONCURRENCY
     )
     log(f"  created {3 * n} objects in {time.monotonic() - started:.1f}s")
     all_ready = await wait_all(kube, "Deployment", n, started, 300)
+    own = {f"APPLY {r}": n for r in ("serviceaccounts", "apps/deployments")}
+    own["APPLY autoscaling/horizontalpodautoscalers"] = n
+    own["LIST apps/deployments"] = OWN_LISTS["Deployment"]
+    load = phase_load(cluster.kubeconfig, pids, load, own)
 
     async def patch(i: int, value: int) -> None:
         await kube.json_patch(
@@ -234,6 +243,59 @@ async def phase_baseline(n: int, samples: int) -> dict[str, Any]:
         "all_ready_seconds": all_ready,
         "latency_p50_seconds": statistics.median(lat),
         "latency_p99_seconds": percentile(lat, 0.99),
+        "load": load,
+    }
+
+
+OWN_LISTS: dict[str, int] = {}
+"""LIST requests of wait_all's polling, by kind (the bench's own, not the operator's)."""
+
+
+def phase_load(
+    kubeconfig: Path,
+    pids: dict[str, int],
+    before: dict[str, Any] | None = None,
+    own: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """The API server's request counter (``apiserver_request_total`` summed by verb and
+    resource, watches left out) and the CPU seconds (utime + stime) of each process; given
+    ``before``, what happened since, less ``own`` (the bench's own requests)."""
+    raw = subprocess.run(
+        [str(cluster_kubectl()), f"--kubeconfig={kubeconfig}", "get", "--raw", "/metrics"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    requests: dict[str, float] = {}
+    for line in raw.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels = dict(
+            kv.split("=", 1) for kv in line[line.index("{") + 1 : line.rindex("}")].split(",")
+        )
+        label = {k: v.strip('"') for k, v in labels.items()}
+        if not label.get("resource") or label["verb"] == "WATCH":
+            continue
+        res = "/".join(
+            x for x in (label.get("group"), label["resource"], label.get("subresource")) if x
+        )
+        key = f"{label['verb']} {res}"
+        requests[key] = requests.get(key, 0) + float(line.rsplit(" ", 1)[1])
+    tick = os.sysconf("SC_CLK_TCK")
+    cpu: dict[str, float] = {}
+    for name, pid in pids.items():
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu[name] = (int(fields[11]) + int(fields[12])) / tick
+    if before is None:
+        return {"requests": requests, "cpu_seconds": cpu}
+    return {
+        "requests": {
+            k: d
+            for k, v in sorted(requests.items())
+            if (d := int(v - before["requests"].get(k, 0) - (own or {}).get(k, 0)))
+        },
+        "cpu_seconds": {k: round(v - before["cpu_seconds"].get(k, 0.0), 2) for k, v in cpu.items()},
     }
 
 
@@ -269,6 +331,9 @@ async def phase_shoal(cluster: LocalCluster, n: int, samples: int) -> dict[str, 
         idle_rss = rss_kib(proc.pid, "VmRSS")
         dw = DeploymentWatch()
         dw.start()
+        pids = {**control_plane_pids(cluster), "operator": proc.pid}
+        load = phase_load(cluster.kubeconfig, pids)
+        OWN_LISTS.clear()
         started = time.monotonic()
         jobs: list[Callable[[], Awaitable[Any]]] = []
         for i in range(n):
@@ -277,6 +342,9 @@ async def phase_shoal(cluster: LocalCluster, n: int, samples: int) -> dict[str, 
         await bounded(jobs, CREATE_CONCURRENCY)
         log(f"  created {2 * n} objects in {time.monotonic() - started:.1f}s")
         all_ready = await wait_all(kube, "Agent", n, started, 900)
+        own = {"POST shoal.dev/agents": n, "POST shoal.dev/scalingpolicies": n}
+        own["LIST shoal.dev/agents"] = OWN_LISTS["Agent"]
+        load = phase_load(cluster.kubeconfig, pids, load, own)
 
         async def patch(i: int, value: int) -> None:
             await kube.merge_patch("Agent", NS, f"agent-{i:04d}", {"spec": {"concurrency": value}})
@@ -300,6 +368,7 @@ async def phase_shoal(cluster: LocalCluster, n: int, samples: int) -> dict[str, 
         "latency_p99_seconds": percentile(lat, 0.99),
         "peak_rss_mib": peak / 1024,
         "idle_rss_mib": idle_rss / 1024,
+        "load": load,
     }
 
 
@@ -321,6 +390,11 @@ def with_cluster(
             return asyncio.run(fn(cluster))
         finally:
             cluster.down()
+
+
+def control_plane_pids(cluster: LocalCluster) -> dict[str, int]:
+    names = ("kube-apiserver", "etcd", "kube-controller-manager", "kube-scheduler", "kwok")
+    return {c: int((cluster.pids / f"{c}.pid").read_text()) for c in names}
 
 
 def cluster_kubectl() -> Path:
@@ -351,7 +425,33 @@ def markdown(n: int, base: dict[str, Any], shoal: dict[str, Any]) -> str:
         f"{shoal['peak_rss_mib']:.0f} | "
         f"{shoal['peak_rss_mib'] / shoal['idle_rss_mib']:.2f}x | <= 150 |"
     )
-    return "\n".join(out) + "\n"
+    return "\n".join(out + load_markdown(n, base["load"], shoal["load"])) + "\n"
+
+
+def load_markdown(n: int, base: dict[str, Any], shoal: dict[str, Any]) -> list[str]:
+    """Requests per Agent by verb and resource, from creation to all Ready, less the bench's
+    own; the operator's share is the Shoal phase less the baseline (the controllers, the
+    scheduler and kwok do the same work in both). Then CPU seconds per process."""
+    keys = sorted(set(base["requests"]) | set(shoal["requests"]))
+    out = [
+        "",
+        "API requests per Agent, creation -> all Ready (watches left out):",
+        "",
+        "| verb resource | baseline | Shoal | operator |",
+        "| --- | --- | --- | --- |",
+    ]
+    total = 0.0
+    for k in keys:
+        b, s = base["requests"].get(k, 0) / n, shoal["requests"].get(k, 0) / n
+        total += s - b
+        out.append(f"| {k} | {b:.2f} | {s:.2f} | {s - b:+.2f} |")
+    out.append(f"| **total** | | | **{total:+.2f}** |")
+    out += ["", "CPU seconds (utime + stime) over the same span:", ""]
+    out += ["| process | baseline | Shoal |", "| --- | --- | --- |"]
+    for proc in sorted(set(base["cpu_seconds"]) | set(shoal["cpu_seconds"])):
+        b_cpu, s_cpu = base["cpu_seconds"].get(proc), shoal["cpu_seconds"].get(proc)
+        out.append(f"| {proc} | {b_cpu if b_cpu is not None else '-'} | {s_cpu} |")
+    return out
 
 
 def main() -> int:
@@ -362,13 +462,20 @@ def main() -> int:
     args = parser.parse_args()
     results_meta.start()
     log(f"baseline: {args.agents} Deployments + HPAs created directly")
-    base = with_cluster(lambda _c: phase_baseline(args.agents, args.samples))
+    base = with_cluster(lambda c: phase_baseline(c, args.agents, args.samples))
     log(f"shoal: {args.agents} Agents + ScalingPolicies through the operator")
     shoal = with_cluster(lambda c: phase_shoal(c, args.agents, args.samples))
     args.out.mkdir(parents=True, exist_ok=True)
-    result = results_meta.stamp_json(
-        {"agents": args.agents, "samples": args.samples, "baseline": base, "shoal": shoal}
-    )
+    result = {"agents": args.agents, "samples": args.samples, "baseline": base, "shoal": shoal}
+    result["operator_requests_per_agent"] = {
+        k: round(
+            (shoal["load"]["requests"].get(k, 0) - base["load"]["requests"].get(k, 0))
+            / args.agents,
+            3,
+        )
+        for k in sorted(set(base["load"]["requests"]) | set(shoal["load"]["requests"]))
+    }
+    result = results_meta.stamp_json(result)
     (args.out / "operator.json").write_text(json.dumps(result, indent=2) + "\n")
     table = results_meta.stamp_markdown(markdown(args.agents, base, shoal))
     (args.out / "operator.md").write_text(table)

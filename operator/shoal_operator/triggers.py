@@ -27,11 +27,16 @@ class Triggers:
     cache: Cache
     writer: Writer
     policies: PolicyIO
-    _policy_target: dict[tuple[str, str], str] = field(default_factory=dict)
+    _policy_target: dict[tuple[str, str], tuple[str, Any, bool]] = field(default_factory=dict)
+    """A policy's (target, generation, being deleted): what its target Agent reads of it."""
     _agent_generation: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     def on_agent(self, namespace: str, name: str, body: Mapping[str, Any] | None) -> None:
-        self.queue.add(("Agent", namespace, name))
+        if body is None:
+            self.writer.forget("Agent", namespace, name)
+        if body is None or not self.writer.is_echo("Agent", body):
+            # Not the echo of our own status or finalizer write: that reconcile saw it all.
+            self.queue.add(("Agent", namespace, name))
         if self.cache.indexes is None:
             return
         # Dependents care about the Agent's existence and spec, not its status writes.
@@ -51,10 +56,17 @@ class Triggers:
             self.queue.add(("Workflow", namespace, wf))
 
     def on_policy(self, namespace: str, name: str, body: Mapping[str, Any] | None) -> None:
-        self.queue.add(("ScalingPolicy", namespace, name))
+        if body is None:
+            self.writer.forget("ScalingPolicy", namespace, name)
+        if body is None or not self.writer.is_echo("ScalingPolicy", body):
+            self.queue.add(("ScalingPolicy", namespace, name))
         target = ((body or {}).get("spec") or {}).get("targetRef", {}).get("name")
+        meta = (body or {}).get("metadata") or {}
+        seen = (target, meta.get("generation"), bool(meta.get("deletionTimestamp")))
         previous = self._policy_target.get((namespace, name))
-        for agent in {target, previous} - {None}:
+        if body is not None and target is not None and previous == seen:
+            return  # a status write: the target Agent (and rival policies) read none of it
+        for agent in {target, previous[0] if previous else None} - {None}:
             assert agent is not None
             self.queue.add(("Agent", namespace, agent))
             for other in self.cache.policies_targeting(namespace, agent):
@@ -62,7 +74,7 @@ class Triggers:
         if body is None or target is None:
             self._policy_target.pop((namespace, name), None)
         else:
-            self._policy_target[(namespace, name)] = target
+            self._policy_target[(namespace, name)] = seen
 
     def on_deployment(self, namespace: str, agent: str) -> None:
         """A child Deployment changed: its Agent (and the policy reporting its replicas)."""
@@ -82,8 +94,16 @@ class Triggers:
             self.queue.add(("ScalingPolicy", namespace, name))
 
     def on_workflow(self, namespace: str, name: str) -> None:
-        """The Workflow changed, or the dispatcher's figures of its runs did (its status
-        write is throttled by the writer; the queue deduplicates keys)."""
+        """The dispatcher's figures of a Workflow's runs changed (its status write is
+        throttled by the writer; the queue deduplicates keys)."""
+        self.queue.add(("Workflow", namespace, name))
+
+    def on_workflow_event(self, namespace: str, name: str, body: Mapping[str, Any] | None) -> None:
+        """A watch event of the Workflow (``body`` None: deleted)."""
+        if body is None:
+            self.writer.forget("Workflow", namespace, name)
+        elif self.writer.is_echo("Workflow", body):
+            return
         self.queue.add(("Workflow", namespace, name))
 
     def on_circuit(self, namespace: str, agent: str, replay: bool) -> None:

@@ -144,9 +144,13 @@ def register(registry: kopf.OperatorRegistry, operator: Operator) -> None:
             run.triggers.on_policy(_ns(namespace), name, None if type == "DELETED" else body)
 
     @kopf.on.event(GROUP, VERSION, "workflows", id="_workflow_event", registry=registry)
-    async def _workflow_event(*, namespace: str | None, name: str, **_: Any) -> None:
+    async def _workflow_event(
+        *, namespace: str | None, name: str, type: str, body: kopf.Body, **_: Any
+    ) -> None:
         if (run := operator.running) is not None:
-            run.triggers.on_workflow(_ns(namespace), name)
+            run.triggers.on_workflow_event(
+                _ns(namespace), name, None if type == "DELETED" else body
+            )
 
     @kopf.on.event(GROUP, VERSION, "approvals", id="_approval_event", registry=registry)
     async def _approval_event(

@@ -17,8 +17,7 @@ from shoal_operator.builders.common import Owner
 from shoal_operator.builders.deployment import RuntimeDefaults
 from shoal_operator.cache import Cache
 from shoal_operator.clients.jetstream import JetStreamAdmin, queue_counts
-from shoal_operator.clients.kube import ApiError as ApiException
-from shoal_operator.clients.kube import Kube
+from shoal_operator.clients.kube import ApiError, Kube
 from shoal_operator.reconcilers import agent as agent_rec
 from shoal_operator.reconcilers.common import Problem
 from shoal_operator.settings import FIELD_MANAGER, HANDOVER_MANAGER
@@ -72,7 +71,7 @@ class AgentIO:
                 if obj["kind"] == "Deployment":
                     return await self.writer.apply(obj, observed.deployment, force)
                 await self.writer.apply(obj, None, force, watched=False)
-            except ApiException as exc:
+            except ApiError as exc:
                 problems.append(Problem("ApplyFailed", f"{obj['kind']} {name}: {api_reason(exc)}"))
             return None
 

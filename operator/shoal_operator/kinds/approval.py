@@ -20,8 +20,7 @@ from pydantic import ValidationError
 from shoal_api.approval import ApprovalSpec, ApprovalStatus
 from shoal_api.base import status_patch
 from shoal_api.timestamps import now_rfc3339
-from shoal_operator.clients.kube import ApiError as ApiException
-from shoal_operator.clients.kube import Kube
+from shoal_operator.clients.kube import ApiError, Kube
 from shoal_operator.clients.leader import LeaderElector
 from shoal_operator.reconcilers import approval as approval_rec
 from shoal_operator.runs import RunGate
@@ -148,7 +147,7 @@ class ApprovalRelay:
             try:
                 await self.kube.merge_patch("Approval", namespace, name, patch, sub="status")
                 return True
-            except ApiException as exc:
+            except ApiError as exc:
                 if exc.status != 409:
                     if exc.status == 404:
                         return False

@@ -13,7 +13,7 @@ from shoal_core.autoscale.policy import Plan
 from shoal_operator.builders.apiservice import MetricsProvider
 from shoal_operator.builders.common import Owner
 from shoal_operator.cache import Cache
-from shoal_operator.clients.kube import ApiError as ApiException
+from shoal_operator.clients.kube import ApiError
 from shoal_operator.reconcilers import scaling as scaling_rec
 from shoal_operator.reconcilers.common import Problem
 from shoal_operator.writer import Writer, api_reason
@@ -53,7 +53,7 @@ class PolicyIO:
         if plan.hpa is not None:
             try:
                 hpa = await self.writer.apply(plan.hpa, observed.hpa, force)
-            except ApiException as exc:
+            except ApiError as exc:
                 problems.append(
                     Problem("ApplyFailed", f"HorizontalPodAutoscaler {name}: {api_reason(exc)}")
                 )

@@ -18,6 +18,9 @@ from shoal_operator.builders.common import Owner
 from shoal_operator.reconcilers.common import Problem, owned_by_manager, rollout
 from shoal_operator.status_conditions import Cond, EventSpec, merge_conditions, transition_events
 
+DEFAULT_REPLICAS = 1
+"""What the API server sets a Deployment's spec.replicas to when nobody owns it."""
+
 
 @dataclass(frozen=True)
 class AgentObserved:
@@ -88,16 +91,20 @@ def plan(
     deployment = dep.deployment(owner, spec, defaults, replicas)
     handover = None
     current = observed.deployment
+    current_replicas = (current or {}).get("spec", {}).get("replicas", 1)
     if (
         replicas is None
         and current is not None
+        # Dropped by its last owner, spec.replicas goes back to its default, 1: only
+        # another count needs a new owner to keep it (one write fewer per new Agent).
+        and current_replicas != DEFAULT_REPLICAS
         and owned_by_manager(current, field_manager, ("spec", "replicas"))
     ):
         handover = {
             "apiVersion": "apps/v1",
             "kind": "Deployment",
             "metadata": {"name": owner.name, "namespace": owner.namespace},
-            "spec": {"replicas": current.get("spec", {}).get("replicas", 1)},
+            "spec": {"replicas": current_replicas},
         }
     apply = [deployment]
     delete: list[tuple[str, str]] = []
