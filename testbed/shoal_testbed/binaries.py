@@ -11,7 +11,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "hack" / "build-control-plane.sh"
-WORKSPACE_PACKAGES = ("shoal-api", "shoal-core", "shoal-operator")
 REQUIRED = (
     "etcd",
     "kube-apiserver",
@@ -58,22 +57,11 @@ def nats_server_bin() -> Path:
     return Path(found)
 
 
-@functools.cache
-def operator_python() -> Path:
-    """The interpreter of a virtualenv holding the operator distribution alone, installed
-    from uv.lock as its image installs it, so that a benchmark measures what ships (in the
-    dev environment kopf imports kubernetes_asyncio, which the operator does not ship).
-
-    Kept in ${SHOAL_CACHE_DIR:-~/.cache/shoal}/bench-venvs/operator and synced once per
-    process: uv keeps what uv.lock still pins and changes the rest; the workspace's own
-    packages are reinstalled every time, so the venv runs this tree's code.
-    """
-    cache = Path(
-        os.environ.get("SHOAL_CACHE_DIR")
-        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shoal"
-    )
-    venv = cache / "bench-venvs" / "operator"
-    reinstall = [arg for p in WORKSPACE_PACKAGES for arg in ("--reinstall-package", p)]
+def sync_alone(package: str, venv: Path) -> Path:
+    """Installs one distribution of the workspace and its locked dependencies, nothing
+    else, into ``venv`` (created or brought in line), as its image installs it:
+    ``uv sync --frozen --no-default-groups --package P --no-editable``. The members'
+    ``cache-keys`` make uv rebuild a wheel whose code changed. Returns the interpreter."""
     subprocess.run(
         [
             "bash",
@@ -83,9 +71,8 @@ def operator_python() -> Path:
             "--quiet",
             "--no-default-groups",
             "--package",
-            "shoal-operator",
+            package,
             "--no-editable",
-            *reinstall,
         ],
         cwd=REPO,
         env={**os.environ, "UV_PROJECT_ENVIRONMENT": str(venv)},
@@ -93,3 +80,16 @@ def operator_python() -> Path:
         timeout=600,
     )
     return venv / "bin" / "python"
+
+
+@functools.cache
+def operator_python() -> Path:
+    """The interpreter of a virtualenv holding the operator distribution alone, so that a
+    benchmark measures what ships (in the dev environment kopf imports kubernetes_asyncio,
+    which the operator does not ship). Kept in
+    ${SHOAL_CACHE_DIR:-~/.cache/shoal}/bench-venvs/operator, synced once per process."""
+    cache = Path(
+        os.environ.get("SHOAL_CACHE_DIR")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shoal"
+    )
+    return sync_alone("shoal-operator", cache / "bench-venvs" / "operator")

@@ -3,11 +3,12 @@ image runs and nothing else (the same `uv sync --package` that images/Dockerfile
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from shoal_testbed.binaries import sync_alone
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,24 +29,7 @@ IMPORT_ALL = (
 
 def install_alone(package: str, venv: Path) -> set[str]:
     """Installs `package` and its locked dependencies into `venv`; returns the names."""
-    env = {**os.environ, "UV_PROJECT_ENVIRONMENT": str(venv)}
-    subprocess.run(
-        [
-            "bash",
-            str(REPO / "hack" / "uv.sh"),
-            "sync",
-            "--frozen",
-            "--quiet",
-            "--no-default-groups",
-            "--package",
-            package,
-            "--no-editable",
-        ],
-        cwd=REPO,
-        env=env,
-        check=True,
-        timeout=600,
-    )
+    sync_alone(package, venv)
     out = subprocess.run(
         [str(venv / "bin" / "python"), "-c", LIST],
         check=True,
